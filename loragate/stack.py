@@ -700,6 +700,22 @@ class Progress:
 # --------------------------------------------------------------------------- start / stop
 
 
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while stopping, so a second Ctrl-C cannot leave orphans."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class _Launch:
     """Processes started so far by one :func:`start_stack`, for clean-up on failure."""
@@ -871,9 +887,10 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
             _write_state(state)
         except BaseException:
             progress.say("start-up failed; stopping what was started")
-            launch.stop()
-            with contextlib.suppress(FileNotFoundError):
-                state_path().unlink()
+            with _uninterruptible():
+                launch.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    state_path().unlink()
             raise
     progress.say(f"stack ready after {progress.elapsed:.1f} s: {proxy_url}/v1")
     return _info_of(state)
@@ -900,7 +917,8 @@ def stop_stack(grace_s: float = DEFAULT_STOP_GRACE_S) -> bool:
     It does not wait for an ``up`` in progress: that ``up`` sees its processes die, reports the
     failure and cleans up after itself.
     """
-    recorded, _ = _stop_recorded(grace_s)
+    with _uninterruptible():
+        recorded, _ = _stop_recorded(grace_s)
     return recorded
 
 
