@@ -496,7 +496,7 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
     for proc in tree:  # descendants that left the group
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    alive = _wait_gone(tree, grace_s)
     killed = []
     if alive:
         for pgid in groups:
@@ -506,8 +506,34 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
                 killed.append(proc.pid)
-        psutil.wait_procs(alive, timeout=5)
+        _wait_gone(alive, 5.0)
     return killed
+
+
+def _wait_gone(procs: list[Any], timeout_s: float) -> list[Any]:
+    """Wait until every process has exited; return those still running after ``timeout_s``.
+
+    A zombie counts as gone: when the stack was started by another process (a test session),
+    only that parent can reap it, and psutil's own wait would sit out the whole timeout.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                proc.wait(timeout=0)  # reaps our own children
+            except psutil.TimeoutExpired:
+                with contextlib.suppress(psutil.Error):
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(proc)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        procs = alive
+        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- state

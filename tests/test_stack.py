@@ -6,6 +6,7 @@ check start-up errors and clean-up in a throw-away LORAGATE_HOME and never start
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -193,7 +194,7 @@ def test_a_taken_port_is_a_clean_error_naming_the_holder(tmp_path: Path, flag: s
 
 _TREE = r"""
 import os, subprocess, sys, time
-sleeper = "import os, signal, sys, time\n{}\ntime.sleep(600)"
+sleeper = "import os, signal, sys, time\n{}\nprint('child', flush=True)\ntime.sleep(600)"
 subprocess.Popen([sys.executable, "-c", sleeper.format("signal.signal(signal.SIGTERM, signal.SIG_IGN)")])
 subprocess.Popen([sys.executable, "-c", sleeper.format("os.setsid()")])
 print("ready", flush=True)
@@ -205,11 +206,11 @@ def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Pat
     """``down`` reaches children, a child that left the group, and one that ignores SIGTERM."""
     leader = subprocess.Popen([sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
+    children: list[psutil.Process] = []
     try:
-        assert leader.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 10
-        while len(psutil.Process(leader.pid).children()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Three lines: "ready" from the leader, "child" from each child once it is set up.
+        lines = sorted(leader.stdout.readline().strip() for _ in range(3))
+        assert lines == ["child", "child", "ready"]
         children = psutil.Process(leader.pid).children(recursive=True)
         assert len(children) == 2
         tmpdir = Path(tempfile.mkdtemp(prefix="loragate-vllm-"))
@@ -220,8 +221,10 @@ def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Pat
                        "create_time": psutil.Process(leader.pid).create_time(), "log": "-"}],
         }))
         pids = [leader.pid, *(c.pid for c in children)]
+        started = time.monotonic()
         result = loragate("down", "--timeout", "2", home=tmp_path)
         assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started >= 2.0  # the SIGTERM-ignoring child needed the SIGKILL
         assert "stack stopped" in result.stderr
         leader.wait(timeout=5)
         assert wait_gone(pids) == []
@@ -229,10 +232,12 @@ def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Pat
         assert not (tmp_path / "stack" / "state.json").exists()
         again = loragate("down", home=tmp_path)
         assert again.returncode == 0 and "no stack was running" in again.stderr
-    finally:
-        for proc in psutil.Process().children(recursive=True):
-            proc.kill()
+    finally:  # only what this test started: the session's stack is a child of pytest too
+        for proc in children:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
         leader.kill()
+        leader.wait(timeout=5)
 
 
 def test_vllm_that_fails_to_start_gives_an_error_pointing_at_its_log(tmp_path: Path, monkeypatch) -> None:
