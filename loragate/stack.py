@@ -489,6 +489,7 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
     tree = _tree(procs)
     if not tree:
         return []
+    shm = _shm_files([p.pid for p in tree])
     groups = {p.pid for p in procs if p.alive()}
     for pgid in groups:
         with contextlib.suppress(OSError):
@@ -507,7 +508,52 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
                 proc.kill()
                 killed.append(proc.pid)
         _wait_gone(alive, 5.0)
+    _unlink_unused(shm)
     return killed
+
+
+#: Where POSIX shared memory and named semaphores live (multiprocessing's psm_* and sem.mp-*).
+SHM_DIR = Path("/dev/shm")
+
+
+def _shm_files(pids: Any) -> set[Path]:
+    """Shared-memory files the stack's processes have open or mapped.
+
+    vLLM's engine and worker share ``psm_*`` segments (hundreds of MiB of RAM); a graceful
+    stop unlinks them (Python's resource tracker does), a SIGKILL does not.
+    """
+    found: set[Path] = set()
+    prefix = f"{SHM_DIR}/"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = fields[5] if len(fields) == 6 else ""
+                if path.startswith(prefix):
+                    found.add(Path(path.removesuffix(" (deleted)")))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(prefix):
+                        found.add(Path(target.removesuffix(" (deleted)")))
+    return found
+
+
+def _unlink_unused(paths: set[Path]) -> None:
+    """Remove those of ``paths`` that still exist and that no live process uses."""
+    left = {p for p in paths if p.exists()}
+    if not left:
+        return
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                left -= _shm_files([int(pid)])
+            if not left:
+                return
+    for path in left:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _wait_gone(procs: list[Any], timeout_s: float) -> list[Any]:
@@ -952,6 +998,23 @@ def stack_processes() -> list[Any]:
     """The live processes (psutil) of the recorded stack: for checks that nothing is left."""
     state = _read_state()
     return _tree(_procs_of(state)) if state else []
+
+
+def other_engines() -> list[int]:
+    """PIDs of ``vllm serve`` processes on this machine that are not this home's stack."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return []
+    ours = {p.pid for p in stack_processes()}
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.pid not in ours and len(cmd) >= 2 and Path(cmd[0]).name == "vllm" and cmd[1] == "serve":
+            found.append(proc.pid)
+        elif proc.pid not in ours and len(cmd) >= 3 and Path(cmd[1]).name == "vllm" and cmd[2] == "serve":
+            found.append(proc.pid)
+    return found
 
 
 def demo_plan(max_model_len: int | None = None, *, build_if_missing: bool = False) -> ServePlan:

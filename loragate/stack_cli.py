@@ -75,7 +75,12 @@ def _check_ports(args: argparse.Namespace) -> None:
 def _start(args: argparse.Namespace, *, build_if_missing: bool, die_with_parent: bool) -> st.StackInfo:
     _check_ports(args)  # before anything slow: a taken port is the cheapest error to report
     plan = st.demo_plan(args.max_model_len, build_if_missing=build_if_missing)
-    return st.start_stack(plan, proxy_port=args.port, vllm_port=args.vllm_port,
+    progress = st.Progress(prefix=f"loragate {args.command}")
+    others = st.other_engines()
+    if others:
+        progress.say(f"note: another vLLM already runs on this machine (pid {', '.join(map(str, others))}); "
+                     "both share the CPU cores")
+    return st.start_stack(plan, proxy_port=args.port, vllm_port=args.vllm_port, progress=progress,
                           timeout_s=args.timeout, die_with_parent=die_with_parent)
 
 

@@ -195,7 +195,12 @@ def test_a_taken_port_is_a_clean_error_naming_the_holder(tmp_path: Path, flag: s
 _TREE = r"""
 import os, subprocess, sys, time
 sleeper = "import os, signal, sys, time\n{}\nprint('child', flush=True)\ntime.sleep(600)"
-subprocess.Popen([sys.executable, "-c", sleeper.format("signal.signal(signal.SIGTERM, signal.SIG_IGN)")])
+# Like a vLLM worker: ignores SIGTERM and holds a shared-memory segment that a SIGKILL leaks.
+stubborn = ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "from multiprocessing import shared_memory\n"
+            "shm = shared_memory.SharedMemory(create=True, size=1 << 20)\n"
+            "print('shm', shm.name, flush=True)")
+subprocess.Popen([sys.executable, "-c", sleeper.format(stubborn)])
 subprocess.Popen([sys.executable, "-c", sleeper.format("os.setsid()")])
 print("ready", flush=True)
 time.sleep(600)
@@ -203,16 +208,19 @@ time.sleep(600)
 
 
 def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Path) -> None:
-    """``down`` reaches children, a child that left the group, and one that ignores SIGTERM."""
+    """``down`` reaches children, a child that left the group, and one that ignores SIGTERM
+    (and removes the shared memory the SIGKILLed one leaves behind)."""
     leader = subprocess.Popen([sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
     children: list[psutil.Process] = []
     try:
-        # Three lines: "ready" from the leader, "child" from each child once it is set up.
-        lines = sorted(leader.stdout.readline().strip() for _ in range(3))
-        assert lines == ["child", "child", "ready"]
+        # "ready" from the leader, "child" from each child once set up, "shm <name>" before that.
+        lines = sorted(leader.stdout.readline().split() for _ in range(4))
+        assert [line[0] for line in lines] == ["child", "child", "ready", "shm"]
+        shm_file = Path("/dev/shm") / lines[3][1]
+        assert shm_file.exists()
         children = psutil.Process(leader.pid).children(recursive=True)
-        assert len(children) == 2
+        assert len(children) >= 2  # the two children (and the stubborn one's resource tracker)
         tmpdir = Path(tempfile.mkdtemp(prefix="loragate-vllm-"))
         (tmp_path / "stack").mkdir()
         (tmp_path / "stack" / "state.json").write_text(json.dumps({
@@ -228,6 +236,7 @@ def test_down_stops_a_whole_process_tree_even_what_ignores_sigterm(tmp_path: Pat
         assert "stack stopped" in result.stderr
         leader.wait(timeout=5)
         assert wait_gone(pids) == []
+        assert not shm_file.exists()
         assert not tmpdir.exists()
         assert not (tmp_path / "stack" / "state.json").exists()
         again = loragate("down", home=tmp_path)
