@@ -595,7 +595,7 @@ def _lock_path() -> Path:
 
 @contextlib.contextmanager
 def _stack_lock(timeout_s: float, progress: "Progress | None" = None) -> Iterator[None]:
-    """Serialise ``up``/``down`` of one LORAGATE_HOME (two test sessions starting at once)."""
+    """Serialise start-ups in one LORAGATE_HOME (two test sessions starting at once share one stack)."""
     settings.stack_dir().mkdir(parents=True, exist_ok=True)
     with open(_lock_path(), "a+") as lock:
         deadline = time.monotonic() + timeout_s
