@@ -361,3 +361,51 @@ def test_down_stops_every_process_of_the_real_stack(stack_session) -> None:
     assert port_refuses(f"{info.vllm_url}/health") and port_refuses(f"{info.proxy_url}/health")
     assert not tmpdir.exists()
     assert loragate("status").returncode == st.EXIT_NOT_RUNNING
+
+
+# --------------------------------------------------------------------------- the command line vLLM gets
+
+
+def _adapter(tmp_path: Path, name: str, r: int) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": "LORA"}))
+    return path
+
+
+def test_max_lora_rank_is_the_smallest_vllm_accepts_that_fits_every_adapter(tmp_path: Path) -> None:
+    assert st.fitting_lora_rank([_adapter(tmp_path, "a", 8)]) == 8
+    assert st.fitting_lora_rank([_adapter(tmp_path, "b", 4), _adapter(tmp_path, "c", 9)]) == 16
+    with pytest.raises(st.StackError, match="exceeds"):
+        st.fitting_lora_rank([_adapter(tmp_path, "d", 1024)])
+
+
+def test_vllm_command_serves_every_adapter_with_runtime_limits(tmp_path: Path) -> None:
+    adapters = {"one": _adapter(tmp_path, "one", 8), "two": _adapter(tmp_path, "two", 16)}
+    plan = st.ServePlan(base_dir=tmp_path / "base", base_model="base-name", adapters=adapters,
+                        contracts_file=tmp_path / "adapters.yaml", max_model_len=4096,
+                        max_lora_rank=st.fitting_lora_rank(adapters.values()), dtype="float32")
+    cmd = st.vllm_command(plan, 4321, executable="vllm", environ={})
+    assert cmd[:3] == ["vllm", "serve", str(tmp_path / "base")]
+
+    def value(flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    assert value("--served-model-name") == "base-name"
+    assert (value("--host"), value("--port")) == ("127.0.0.1", "4321")
+    assert "--enable-lora" in cmd
+    assert (value("--max-lora-rank"), value("--max-loras"), value("--max-model-len")) == ("16", "3", "4096")
+    assert value("--kv-cache-memory-bytes") == "256M"
+    assert value("--dtype") == "float32"
+    modules = cmd[cmd.index("--lora-modules") + 1:]
+    assert modules == [f"one={adapters['one']}", f"two={adapters['two']}"]
+    # An operator's VLLM_CPU_KVCACHE_SPACE wins over the default size.
+    assert "--kv-cache-memory-bytes" not in st.vllm_command(
+        plan, 4321, executable="vllm", environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
+def test_up_refuses_a_context_not_beyond_the_training_length(stack_build_home: Path) -> None:
+    result = loragate("up", "--max-model-len", "256", home=stack_build_home, timeout=60)
+    assert result.returncode == 2
+    assert "--max-model-len 256" in result.stderr and "training length" in result.stderr
+    assert not (stack_build_home / "stack" / "state.json").exists()
