@@ -171,12 +171,19 @@ def _print_verdicts(result: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from loragate.demo.artifacts import current_build
+
+    if current_build() is None:
+        from loragate.demo.build import build_demo
+
+        build_demo()
     try:
         from loragate.acceptance.gate import gate_all_demo
     except ModuleNotFoundError as exc:
-        if exc.name not in ("loragate.acceptance.gate",):
+        if exc.name != "loragate.acceptance.gate":
             raise
-        raise StackError("the acceptance gate (loragate.acceptance.gate) is not installed in this checkout") from None
+        raise StackError("the demo is built, but the acceptance gate (loragate.acceptance.gate) is not "
+                         "in this checkout, so there is nothing to run against the stack") from None
     info = st.running_stack()
     started = info is None
     with _sigterm_interrupts():
