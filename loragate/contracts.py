@@ -14,6 +14,7 @@ An adapters file (``adapters.yaml``) sits beside the adapters' weights::
         json_schema: {type: object}     # optional, only with output: json
         max_tokens: 160                 # budget for a normal answer
         train_seq_len: 384              # sequence length it was trained at
+        max_input_tokens: 1024          # longest prompt it must handle (default: the served context)
         prompt_template: "### Paper:\\n{input}\\n### Layout:\\n"
         thresholds: {json_validity: 0.95}
 
@@ -87,6 +88,10 @@ class Contract:
     json_schema: Mapping[str, Any] | None = None
     max_tokens: int = 256
     train_seq_len: int | None = None
+    #: The longest prompt, in tokens, this adapter must handle. Long-context probes up to it
+    #: gate the verdict; longer probes (up to the served context) are measured and reported
+    #: but do not gate. ``None``: the whole served context must hold.
+    max_input_tokens: int | None = None
     prompt_template: str = PROMPT_INPUT_FIELD
     thresholds: Thresholds = field(default_factory=Thresholds)
     slo: LoadSLO = field(default_factory=LoadSLO)
@@ -162,8 +167,15 @@ def resolve_under(root: Path, relative: str | os.PathLike[str], what: str) -> Pa
 
 _CONTRACT_KEYS = {
     "path", "base_model", "output", "json_schema", "max_tokens", "train_seq_len",
-    "prompt_template", "thresholds", "slo",
+    "max_input_tokens", "prompt_template", "thresholds", "slo",
 }
+
+
+def _optional_positive_int(raw: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = raw.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ContractError(f"{where}.{key}: expected a positive integer, got {value!r}")
+    return value
 
 
 def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
@@ -193,11 +205,8 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
     max_tokens = raw.get("max_tokens", 256)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ContractError(f"{where}.max_tokens: expected a positive integer, got {max_tokens!r}")
-    train_seq_len = raw.get("train_seq_len")
-    if train_seq_len is not None and (
-        isinstance(train_seq_len, bool) or not isinstance(train_seq_len, int) or train_seq_len < 1
-    ):
-        raise ContractError(f"{where}.train_seq_len: expected a positive integer, got {train_seq_len!r}")
+    train_seq_len = _optional_positive_int(raw, "train_seq_len", where)
+    max_input_tokens = _optional_positive_int(raw, "max_input_tokens", where)
     template = raw.get("prompt_template", PROMPT_INPUT_FIELD)
     if not isinstance(template, str) or PROMPT_INPUT_FIELD not in template:
         raise ContractError(f"{where}.prompt_template: must be a string containing {PROMPT_INPUT_FIELD}")
@@ -212,6 +221,7 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
         json_schema=schema,
         max_tokens=max_tokens,
         train_seq_len=train_seq_len,
+        max_input_tokens=max_input_tokens,
         prompt_template=template,
         thresholds=_merge_dataclass(Thresholds, thresholds, raw.get("thresholds"), f"{where}.thresholds"),
         slo=_merge_dataclass(LoadSLO, slo, raw.get("slo"), f"{where}.slo"),
