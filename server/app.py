@@ -1,0 +1,487 @@
+"""The proxy: an OpenAI-compatible pass-through in front of vLLM that judges every completion.
+
+Every path and method goes to the upstream unchanged (status, headers less hop-by-hop ones,
+body); streamed answers are forwarded event by event as they arrive. ``/v1/completions`` and
+``/v1/chat/completions`` answers are also judged, per choice, with the one shared
+:func:`~loragate.server.judging.judge_completion`, and counted in :mod:`loragate.server.metrics`.
+
+Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
+``/ready`` (readiness: the upstream's ``/health`` answers), ``/metrics`` (Prometheus).
+
+Counting rules (so counters are exact under concurrency): a choice is counted once, after
+its answer is complete (non-streamed) or its stream has ended with a ``finish_reason``;
+counters are updated in one synchronous step with no ``await`` in between. A client that
+goes away mid-stream cancels the upstream request and is counted as a disconnect, never as a
+completion; an upstream that breaks mid-stream is an upstream error, and the client gets an
+OpenAI-style error event before the stream closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loragate.contracts import ContractSet, load_contracts
+from loragate.server.adapters import AdapterNames
+from loragate.server.config import ProxyConfig
+from loragate.server.judging import Judgement, judge_completion
+from loragate.server.metrics import ProxyMetrics
+
+log = logging.getLogger("loragate.proxy")
+access_log = logging.getLogger("loragate.proxy.requests")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+JUDGED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+HOP_BY_HOP = {
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
+    b"transfer-encoding", b"upgrade", b"host", b"content-length",
+}
+
+
+def openai_error(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> bytes:
+    """An error body in the OpenAI format."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Exchange:
+    """What one judged request has shown so far."""
+
+    endpoint: str
+    started: float
+    adapter: str = ""
+    stream: bool = False
+    json_constrained: bool = False
+    status: int = 0
+    ttft_s: float | None = None
+    finish: str | None = None
+    json_result: str | None = None
+    completion_tokens: int | None = None
+
+
+class ProxyApp:
+    """The ASGI application. Create with a :class:`ProxyConfig`; serve with uvicorn."""
+
+    def __init__(self, config: ProxyConfig, contracts: ContractSet | None = None,
+                 metrics: ProxyMetrics | None = None) -> None:
+        self.config = config
+        if contracts is None and config.contracts is not None:
+            contracts = load_contracts(config.contracts)
+        self.metrics = metrics or ProxyMetrics()
+        self.client: httpx.AsyncClient | None = None
+        self.names: AdapterNames | None = None
+        self._contracts = contracts
+        self._api_keys = tuple(k.encode() for k in config.api_keys)
+        self._admin_key = config.admin_key.encode()
+        self._background: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def startup(self) -> None:
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=self.config.upstream_timeout_s, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )
+        self.names = AdapterNames(self._contracts, self.config.upstream, self.client)
+        self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
+
+    async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/health":
+            await self._respond(send, 200, b'{"status":"ok"}')
+        elif path == "/ready":
+            await self._ready(send)
+        elif path == "/metrics":
+            if not self.config.public_metrics and not self._authorised(scope, self._api_keys):
+                await self._refuse(send, 401, "unauthorized", "a valid API key is required")
+                return
+            await self._respond(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+        else:
+            await self._proxy(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    async def _respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _refuse(self, send: Send, status: int, reason: str, message: str, endpoint: str = "other") -> None:
+        self.metrics.bad_requests.labels(reason).inc()
+        self.metrics.requests.labels(endpoint, f"{status // 100}xx").inc()
+        types = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 408: "timeout_error", 413: "invalid_request_error", 415: "invalid_request_error"}
+        await self._respond(send, status, openai_error(message, types.get(status, "invalid_request_error"), status))
+
+    def _authorised(self, scope: Scope, keys: tuple[bytes, ...]) -> bool:
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+                break
+        ok = False
+        for key in keys:  # every key compared, in constant time each
+            ok |= hmac.compare_digest(presented, key)
+        return ok
+
+    async def _ready(self, send: Send) -> None:
+        try:
+            resp = await self.client.get(f"{self.config.upstream}/health", timeout=2.0)
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        await self._respond(send, 200 if ok else 503,
+                            b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
+        limit = self.config.max_body_bytes
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(body)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    # ------------------------------------------------------------------ the proxy
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        endpoint = JUDGED_PATHS.get(path) or (
+            "admin" if path in ADMIN_PATHS else "models" if path.startswith("/v1/models") else "other")
+        if path in ADMIN_PATHS:
+            if not self._admin_key or not self._authorised(scope, (self._admin_key,)):
+                await self._refuse(send, 403, "forbidden",
+                                   "runtime adapter loading needs the admin key", endpoint)
+                return
+        elif self._api_keys and path.startswith("/v1/") and not self._authorised(scope, self._api_keys):
+            await self._refuse(send, 401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)", endpoint)
+            return
+        gauge = self.metrics.in_flight.labels(endpoint)
+        gauge.inc()
+        try:
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.config.body_timeout_s)
+            except _BodyTooLarge:
+                await self._refuse(send, 413, "body_too_large",
+                                   f"request body exceeds {self.config.max_body_bytes} bytes", endpoint)
+                return
+            except asyncio.TimeoutError:
+                await self._refuse(send, 408, "slow_body",
+                                   f"request body not received within {self.config.body_timeout_s:.0f}s", endpoint)
+                return
+            except _ClientGone:
+                return
+            if endpoint in ("completions", "chat_completions") and scope["method"] == "POST":
+                await self._judged(scope, receive, send, endpoint, body)
+            else:
+                await self._forward_plain(scope, send, endpoint, body)
+        finally:
+            gauge.dec()
+
+    def _upstream_request(self, scope: Scope, body: bytes) -> httpx.Request:
+        url = self.config.upstream + scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+        return self.client.build_request(scope["method"], url, headers=headers, content=body)
+
+    @staticmethod
+    def _response_headers(resp: httpx.Response) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
+
+    async def _forward_plain(self, scope: Scope, send: Send, endpoint: str, body: bytes) -> None:
+        try:
+            resp = await self.client.send(self._upstream_request(scope, body), stream=True)
+        except httpx.HTTPError as exc:
+            await self._upstream_failed(send, endpoint, "", exc)
+            return
+        try:
+            await send({"type": "http.response.start", "status": resp.status_code,
+                        "headers": self._response_headers(resp)})
+            async for chunk in resp.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except (httpx.HTTPError, OSError):
+            pass
+        finally:
+            await resp.aclose()
+        self.metrics.requests.labels(endpoint, f"{resp.status_code // 100}xx").inc()
+
+    async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: Exception) -> None:
+        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
+        self.metrics.upstream_errors.labels(adapter or self.names.label(None), kind).inc()
+        self.metrics.requests.labels(endpoint, "5xx").inc()
+        status = 504 if kind == "timeout" else 502
+        log.warning("upstream %s error on %s: %s", kind, endpoint, exc)
+        await self._respond(send, status, openai_error(
+            f"upstream engine unavailable ({kind}): {type(exc).__name__}", "upstream_error", status))
+
+    async def _judged(self, scope: Scope, receive: Receive, send: Send, endpoint: str, body: bytes) -> None:
+        ex = _Exchange(endpoint=endpoint, started=time.perf_counter())
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        if not content_type.split(b";")[0].strip().lower() == b"application/json":
+            await self._refuse(send, 415, "unsupported_media_type", "Content-Type must be application/json", endpoint)
+            return
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError):
+            await self._refuse(send, 400, "malformed_json", "request body is not valid JSON", endpoint)
+            return
+        if not isinstance(request, dict):
+            await self._refuse(send, 400, "not_an_object", "request body must be a JSON object", endpoint)
+            return
+        model = request.get("model")
+        ex.adapter = self.names.label(model)
+        ex.stream = request.get("stream") is True
+        fmt = request.get("response_format")
+        ex.json_constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+        strip_usage = False
+        if ex.stream:
+            opts = request.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage")):
+                request["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+                body = json.dumps(request).encode()
+                strip_usage = True
+        try:
+            resp = await self.client.send(self._upstream_request(scope, body), stream=True)
+        except httpx.HTTPError as exc:
+            await self._upstream_failed(send, endpoint, ex.adapter, exc)
+            self._log(ex)
+            return
+        ex.status = resp.status_code
+        try:
+            if ex.stream and resp.status_code == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._relay_stream(send, receive, resp, ex, strip_usage)
+            else:
+                await self._relay_whole(send, resp, ex)
+        finally:
+            await resp.aclose()
+        self._log(ex)
+
+    async def _relay_whole(self, send: Send, resp: httpx.Response, ex: _Exchange) -> None:
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError as exc:
+            self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
+            self.metrics.requests.labels(ex.endpoint, "5xx").inc()
+            await self._respond(send, 502, openai_error(f"upstream answer broke off: {type(exc).__name__}",
+                                                        "upstream_error", 502))
+            return
+        try:
+            await send({"type": "http.response.start", "status": resp.status_code,
+                        "headers": self._response_headers(resp) + [(b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.body", "body": content})
+        except OSError:
+            pass
+        self.metrics.requests.labels(ex.endpoint, f"{resp.status_code // 100}xx").inc()
+        if resp.status_code >= 500:
+            self.metrics.upstream_errors.labels(ex.adapter, "status_5xx").inc()
+            return
+        if resp.status_code != 200:
+            return  # the engine refused the request (400 bad params, 404 unknown model): nothing generated
+        try:
+            answer = json.loads(content)
+            ex.adapter = self.names.label(answer.get("model"))
+            choices = answer["choices"]
+            usage = answer.get("usage") or {}
+            outputs = [((c.get("text") if ex.endpoint == "completions" else (c.get("message") or {}).get("content")) or "",
+                        c.get("finish_reason")) for c in choices]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.metrics.upstream_errors.labels(ex.adapter, "invalid_response").inc()
+            return
+        self._count(ex, outputs, usage)
+        self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
+
+    async def _relay_stream(self, send: Send, receive: Receive, resp: httpx.Response, ex: _Exchange,
+                            strip_usage: bool) -> None:
+        gone = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while True:
+                if (await receive())["type"] == "http.disconnect":
+                    gone.set()
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        choices: dict[int, _Choice] = {}
+        usage: dict = {}
+        buffer = b""
+        model_seen = False
+        try:
+            await send({"type": "http.response.start", "status": resp.status_code,
+                        "headers": self._response_headers(resp)})
+            async for chunk in resp.aiter_raw():
+                if gone.is_set():
+                    raise _ClientGone
+                buffer += chunk
+                out = []
+                while True:
+                    cut = buffer.find(b"\n\n")
+                    if cut < 0:
+                        break
+                    event, buffer = buffer[: cut + 2], buffer[cut + 2:]
+                    keep = True
+                    if event.startswith(b"data: {"):
+                        try:
+                            data = json.loads(event[6:])
+                        except ValueError:
+                            data = None
+                        if isinstance(data, dict):
+                            if not model_seen and isinstance(data.get("model"), str):
+                                ex.adapter = self.names.label(data["model"])
+                                model_seen = True
+                            if data.get("usage"):
+                                usage = data["usage"]
+                                if strip_usage and not data.get("choices"):
+                                    keep = False
+                            for c in data.get("choices") or ():
+                                slot = choices.setdefault(c.get("index", 0), _Choice())
+                                piece = c.get("text")
+                                if piece is None:
+                                    piece = (c.get("delta") or {}).get("content")
+                                if piece:
+                                    slot.text.append(piece)
+                                    if ex.ttft_s is None:
+                                        ex.ttft_s = time.perf_counter() - ex.started
+                                if c.get("finish_reason") is not None:
+                                    slot.finish_reason = c["finish_reason"]
+                    if keep:
+                        out.append(event)
+                if out:
+                    try:
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    except OSError:
+                        raise _ClientGone from None
+            if buffer:
+                await send({"type": "http.response.body", "body": buffer, "more_body": True})
+            if gone.is_set():
+                raise _ClientGone
+        except _ClientGone:
+            self.metrics.client_disconnects.labels(ex.adapter).inc()
+            self.metrics.requests.labels(ex.endpoint, "4xx").inc()
+            ex.status = 499
+            return
+        except httpx.HTTPError as exc:
+            self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
+            self.metrics.requests.labels(ex.endpoint, "5xx").inc()
+            ex.status = 502
+            log.warning("upstream stream broke off for %s: %s", ex.adapter, exc)
+            error = openai_error(f"upstream stream broke off: {type(exc).__name__}", "upstream_error", 502)
+            try:
+                await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": False})
+            except OSError:
+                pass
+            return
+        finally:
+            watcher.cancel()
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass
+        self.metrics.requests.labels(ex.endpoint, "2xx").inc()
+        if not choices or any(c.finish_reason is None for c in choices.values()):
+            self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
+            return
+        self._count(ex, [("".join(c.text), c.finish_reason) for _, c in sorted(choices.items())], usage)
+        if ex.ttft_s is not None:
+            self.metrics.ttft.labels(ex.adapter).observe(ex.ttft_s)
+        self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
+
+    def _count(self, ex: _Exchange, outputs: list[tuple[str, str | None]], usage: dict) -> None:
+        """Judge every choice, then update every counter in one synchronous step."""
+        contract = self.names.contract(ex.adapter)
+        expects_json = bool(contract and contract.expects_json) or ex.json_constrained
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens
+        judgements: list[Judgement] = [
+            judge_completion(text, reason, expects_json=expects_json,
+                             json_schema=contract.json_schema if contract else None,
+                             prompt_tokens=prompt_tokens, completion_tokens=per_choice,
+                             max_model_len=self.names.context_limit(ex.adapter))
+            for text, reason in outputs
+        ]
+        m = self.metrics
+        for j in judgements:
+            m.completions.labels(ex.adapter, j.finish.value).inc()
+            if j.length_cause is not None:
+                m.length_cutoffs.labels(ex.adapter, j.length_cause.value).inc()
+            if j.json_result is not None:
+                m.json_outputs.labels(ex.adapter, j.json_result.value).inc()
+                if ex.json_constrained:
+                    m.constrained_outputs.labels(ex.adapter, j.json_result.value).inc()
+        if isinstance(completion_tokens, int):
+            m.output_tokens.labels(ex.adapter).inc(completion_tokens)
+            ex.completion_tokens = completion_tokens
+        if judgements:
+            ex.finish = ",".join(j.finish.value for j in judgements)
+            results = [j.json_result.value for j in judgements if j.json_result is not None]
+            ex.json_result = ",".join(results) or None
+
+    def _log(self, ex: _Exchange) -> None:
+        if not self.config.log_requests:
+            return
+        access_log.info(json.dumps({
+            "event": "request", "endpoint": ex.endpoint, "adapter": ex.adapter, "status": ex.status,
+            "stream": ex.stream, "finish_reason": ex.finish, "json_result": ex.json_result,
+            "json_constrained": ex.json_constrained, "completion_tokens": ex.completion_tokens,
+            "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1e3, 2),
+            "latency_ms": round((time.perf_counter() - ex.started) * 1e3, 2),
+        }))

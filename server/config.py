@@ -1,0 +1,120 @@
+"""The proxy's configuration: one dataclass, read from a YAML file and ``LORAGATE_PROXY_*`` variables.
+
+Precedence, lowest first: the defaults below, the file given with ``--config``, environment
+variables, command-line flags. Every field:
+
+============================  ==============================  ===============================================
+field                         environment variable            meaning (default)
+============================  ==============================  ===============================================
+``upstream``                  ``LORAGATE_PROXY_UPSTREAM``     base URL of the OpenAI-compatible engine
+``contracts``                 ``LORAGATE_PROXY_CONTRACTS``    adapters file (contracts) to judge outputs by
+``host`` / ``port``           ``LORAGATE_PROXY_HOST``/``PORT`` where the proxy listens (127.0.0.1:8000)
+``max_body_bytes``            ``LORAGATE_PROXY_MAX_BODY_BYTES`` request bodies above it get 413 (8 MiB)
+``body_timeout_s``            ``LORAGATE_PROXY_BODY_TIMEOUT_S`` a body not received within it gets 408 (30)
+``upstream_timeout_s``        ``LORAGATE_PROXY_UPSTREAM_TIMEOUT_S`` read timeout towards the engine (600)
+``api_keys``                  ``LORAGATE_PROXY_API_KEYS``     comma-separated client keys; empty: no auth
+``admin_key``                 ``LORAGATE_PROXY_ADMIN_KEY``    key for /v1/load_lora_adapter and unload; empty:
+                                                              those endpoints are refused
+``public_metrics``            ``LORAGATE_PROXY_PUBLIC_METRICS`` /metrics without a key (true)
+``log_requests``              ``LORAGATE_PROXY_LOG_REQUESTS`` one JSON log line per request (true)
+============================  ==============================  ===============================================
+
+``/health`` (liveness) and ``/ready`` (readiness: the upstream answers) never need a key. Keys
+are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from loragate import settings
+from loragate.errors import LoragateError
+
+ENV_PREFIX = "LORAGATE_PROXY_"
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class ConfigError(LoragateError):
+    """The proxy's configuration is invalid."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    upstream: str = ""
+    contracts: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = settings.PROXY_PORT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    upstream_timeout_s: float = 600.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_key: str = field(default="", repr=False)
+    public_metrics: bool = True
+    log_requests: bool = True
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target is int:
+            return int(value)
+        if target is float:
+            return float(value)
+        if name == "api_keys":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(k.strip() for k in items if str(k).strip())
+        if name == "contracts":
+            return Path(value) if value else None
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"proxy config {name}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
+
+
+_TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
+          "body_timeout_s": float, "upstream_timeout_s": float, "api_keys": tuple, "admin_key": str,
+          "public_metrics": bool, "log_requests": bool}
+
+
+def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                **overrides: Any) -> ProxyConfig:
+    """Defaults, then ``file``, then ``env`` (``os.environ``), then non-``None`` ``overrides``."""
+    values: dict[str, Any] = {}
+    if file:
+        try:
+            data = yaml.safe_load(Path(file).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read proxy config {file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"proxy config {file} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"proxy config {file}: expected a mapping")
+        unknown = sorted(set(data) - set(_TYPES))
+        if unknown:
+            raise ConfigError(f"proxy config {file}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TYPES)}")
+        values.update(data)
+    env = os.environ if env is None else env
+    for name in _TYPES:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = ProxyConfig(**{k: _coerce(k, v, _TYPES[k]) for k, v in values.items()})
+    if not config.upstream.startswith(("http://", "https://")):
+        raise ConfigError("proxy needs --upstream http(s)://host:port (or LORAGATE_PROXY_UPSTREAM)")
+    if config.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes must be at least 1024")
+    return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))

@@ -1,0 +1,98 @@
+"""Every Prometheus metric the proxy exports: names, labels, help texts, in one place.
+
+Label values are bounded by construction:
+
+- ``adapter``: a name from the contracts or the engine's model list, else :data:`OTHER_ADAPTER`
+  (see :class:`loragate.server.adapters.AdapterNames`); a client can never mint a new value.
+- ``finish_reason``: ``stop`` | ``length`` | ``other`` (:class:`~loragate.server.judging.FinishClass`).
+- ``cause``: ``max_tokens`` | ``context``; ``result``: ``valid`` | ``invalid`` | ``schema_mismatch``.
+- ``endpoint``: :data:`ENDPOINTS`; ``code``: the HTTP status class (``2xx`` ... ``5xx``).
+- ``kind`` and ``reason``: the fixed tuples below.
+
+Rates an operator alerts on (the chart's recording rules compute them):
+
+- stop rate = ``loragate_completions_total{finish_reason="stop"}`` / all completions, per adapter;
+- JSON validity = ``loragate_json_outputs_total{result="valid"}`` / all judged outputs, per
+  adapter (only adapters whose contract expects JSON are judged).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: The adapter label of any model name that is neither in the contracts nor served.
+OTHER_ADAPTER = "__other__"
+#: Endpoint label values.
+ENDPOINTS = ("completions", "chat_completions", "models", "admin", "other")
+#: ``kind`` values of upstream errors.
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "stream_broken", "invalid_response")
+#: ``reason`` values of requests refused by the proxy itself.
+BAD_REQUEST_REASONS = (
+    "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
+    "unauthorized", "forbidden", "slow_body",
+)
+
+#: Seconds; from tens of milliseconds (a GPU's first token) to minutes (a CPU's long answer).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ProxyMetrics:
+    """The proxy's metrics, registered in ``registry`` (a fresh one per proxy instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "loragate_requests", "HTTP requests the proxy answered, by endpoint and status class.",
+            ["endpoint", "code"], registry=r)
+        self.completions = Counter(
+            "loragate_completions",
+            "Completion choices that finished, by adapter and finish_reason (stop|length|other). "
+            "Stop rate = stop / all. A streamed choice counts once, when its stream ends.",
+            ["adapter", "finish_reason"], registry=r)
+        self.length_cutoffs = Counter(
+            "loragate_length_cutoffs",
+            "Choices cut with finish_reason=length, by cause: max_tokens (the request's budget ran out: "
+            "a runaway when the adapter should have stopped) or context (prompt + output reached max_model_len).",
+            ["adapter", "cause"], registry=r)
+        self.json_outputs = Counter(
+            "loragate_json_outputs",
+            "Choices of adapters whose contract expects JSON, by result: valid, invalid (does not parse), "
+            "schema_mismatch (parses, breaks the contract's JSON Schema). JSON validity = valid / all.",
+            ["adapter", "result"], registry=r)
+        self.constrained_outputs = Counter(
+            "loragate_json_constrained_outputs",
+            "Judged choices of requests that asked for a JSON constraint (response_format), by result. "
+            "Anything but valid here means the engine did not honour the constraint.",
+            ["adapter", "result"], registry=r)
+        self.ttft = Histogram(
+            "loragate_time_to_first_token_seconds",
+            "Streamed requests: seconds from the proxy receiving the request to the first chunk with output.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "loragate_request_duration_seconds",
+            "Completion requests: seconds from the proxy receiving the request to the last byte sent back.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.output_tokens = Counter(
+            "loragate_output_tokens", "Completion tokens generated, from the engine's usage report.",
+            ["adapter"], registry=r)
+        self.upstream_errors = Counter(
+            "loragate_upstream_errors",
+            "Requests the upstream engine failed: connect, timeout, status_5xx, stream_broken "
+            "(the stream ended before every choice finished), invalid_response.",
+            ["adapter", "kind"], registry=r)
+        self.client_disconnects = Counter(
+            "loragate_client_disconnects",
+            "Streamed requests whose client went away before the end; the upstream request is cancelled "
+            "and nothing is counted as a completion.",
+            ["adapter"], registry=r)
+        self.bad_requests = Counter(
+            "loragate_rejected_requests", "Requests the proxy refused itself, by reason.",
+            ["reason"], registry=r)
+        self.in_flight = Gauge(
+            "loragate_requests_in_flight", "Requests being handled by the proxy now, by endpoint.",
+            ["endpoint"], registry=r)
+        for endpoint in ENDPOINTS:
+            self.in_flight.labels(endpoint)
+        for reason in BAD_REQUEST_REASONS:
+            self.bad_requests.labels(reason)
