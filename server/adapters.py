@@ -88,11 +88,19 @@ class AdapterNames:
 
     def _take(self, models: Iterable[dict]) -> None:
         names = set()
+        parents: dict[str, str] = {}
         for m in models:
             if isinstance(m, dict) and isinstance(m.get("id"), str):
                 names.add(m["id"])
                 if isinstance(m.get("max_model_len"), int):
                     self.max_model_len[m["id"]] = m["max_model_len"]
+                elif isinstance(m.get("parent"), str):
+                    parents[m["id"]] = m["parent"]
+        # vLLM lists a LoRA adapter with max_model_len null and its base as parent: the
+        # adapter is served within its base model's context.
+        for name, parent in parents.items():
+            if parent in self.max_model_len:
+                self.max_model_len[name] = self.max_model_len[parent]
         self._engine = set(sorted(names)[:MAX_ENGINE_NAMES])
 
     async def run_periodic(self) -> None:

@@ -459,6 +459,7 @@ class ProxyApp:
             for text, reason in outputs
         ]
         m = self.metrics
+        m.init_adapter(ex.adapter, expects_json)
         for j in judgements:
             m.completions.labels(ex.adapter, j.finish.value).inc()
             if j.length_cause is not None:

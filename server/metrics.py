@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from loragate.server.judging import FinishClass, JsonResult, LengthCause
+
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
 #: Endpoint label values.
@@ -96,3 +98,23 @@ class ProxyMetrics:
             self.in_flight.labels(endpoint)
         for reason in BAD_REQUEST_REASONS:
             self.bad_requests.labels(reason)
+        self._initialised: set[tuple[str, bool]] = set()
+
+    def init_adapter(self, adapter: str, judged_json: bool) -> None:
+        """Create every label combination of ``adapter`` at 0, once.
+
+        A ratio such as stop / all only exists in PromQL when both series exist: an adapter that
+        never stops must still export ``finish_reason="stop"`` as 0, or its stop rate (and the
+        alert on it) would be missing instead of 0.
+        """
+        key = (adapter, judged_json)
+        if key in self._initialised:
+            return
+        self._initialised.add(key)
+        for finish in FinishClass:
+            self.completions.labels(adapter, finish.value)
+        for cause in LengthCause:
+            self.length_cutoffs.labels(adapter, cause.value)
+        if judged_json:
+            for result in JsonResult:
+                self.json_outputs.labels(adapter, result.value)

@@ -53,3 +53,105 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     last = [item for item in items if getattr(getattr(item, "function", None), "loragate_runs_last", False)]
     if last:
         items[:] = [item for item in items if item not in last] + last
+
+
+# --------------------------------------------------------------------------- own proxies
+# Tests that assert exact counter values run their own proxy in front of the stack's vLLM,
+# so other tests' traffic through the stack's proxy cannot change what they count.
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a Prometheus endpoint: ``{(name, sorted labels): value}``."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent: a counter not yet touched)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@dataclass
+class ProxyProcess:
+    """A ``loragate proxy`` process started by a test."""
+
+    url: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.url}/metrics"
+
+    def scrape(self) -> dict:
+        return scrape(self.metrics_url)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_proxy(upstream: str, tmp: Path, *, contracts: Path | None = None,
+                env: dict[str, str] | None = None, config: dict | None = None) -> ProxyProcess:
+    """Start ``loragate proxy`` on a free port and wait for its ``/health``."""
+    import yaml
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", upstream,
+           "--host", "127.0.0.1", "--port", str(port)]
+    if contracts is not None:
+        cmd += ["--contracts", str(contracts)]
+    if config:
+        cfg = tmp / f"proxy-{port}.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--config", str(cfg)]
+    log = tmp / f"proxy-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_PROXY_")}
+    full_env.update(env or {})
+    popen = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env,
+                             start_new_session=True)
+    proc = ProxyProcess(f"http://127.0.0.1:{port}", popen, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"proxy exited with {popen.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{proc.url}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError(f"proxy did not answer /health within 30 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def own_proxy(stack: st.StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """A fresh proxy (counters at zero) in front of the stack's vLLM, with the demo contracts."""
+    proc = start_proxy(stack.vllm_url, tmp_path_factory.mktemp("proxy"), contracts=stack.contracts_file)
+    try:
+        yield proc
+    finally:
+        proc.stop()
