@@ -1,0 +1,275 @@
+{{/*
+Shared helpers of the loragate chart: names, labels, images, and the two containers' command
+lines (vLLM on 127.0.0.1, the proxy in front of it). tests/test_chart_local.py runs exactly the
+command lines rendered here.
+*/}}
+
+{{/* Chart name. */}}
+{{- define "loragate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart>, or <release> when it already contains the chart name. */}}
+{{- define "loragate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart label value. */}}
+{{- define "loragate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the engine pods (never change them after install). */}}
+{{- define "loragate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "loragate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: engine
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "loragate.labels" -}}
+helm.sh/chart: {{ include "loragate.chart" . }}
+{{ include "loragate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loragate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* ServiceAccount the pods run as. */}}
+{{- define "loragate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "loragate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}; the digest wins when set.
+Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback") */}}
+{{- define "loragate.image" -}}
+{{- $img := .image }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository (default .tag $img.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "loragate.vllmImage" -}}
+{{- include "loragate.image" (dict "image" .Values.vllm.image "tag" "") }}
+{{- end }}
+
+{{- define "loragate.proxyImage" -}}
+{{- include "loragate.image" (dict "image" .Values.proxy.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* URL of vLLM inside the pod (what the proxy forwards to). */}}
+{{- define "loragate.upstreamUrl" -}}
+{{- printf "http://127.0.0.1:%d" (int .Values.vllm.port) }}
+{{- end }}
+
+{{/* Path of the contracts file in both containers. */}}
+{{- define "loragate.contractsPath" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.adapters.mountPath) .Values.adapters.contractsFile }}
+{{- end }}
+
+{{/* The model argument of `vllm serve`: a hub repository id, or a folder on the model PVC. */}}
+{{- define "loragate.modelArg" -}}
+{{- if eq .Values.model.source "pvc" }}
+{{- $claim := required "model.pvc.claimName is required when model.source is pvc" .Values.model.pvc.claimName }}
+{{- $path := required "model.pvc.path (the model's folder under model.pvc.mountPath) is required when model.source is pvc" .Values.model.pvc.path }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.pvc.mountPath) $path }}
+{{- else }}
+{{- required "model.name (a Hugging Face repository id) is required when model.source is hub" .Values.model.name }}
+{{- end }}
+{{- end }}
+
+{{/* Name clients use for the base model. */}}
+{{- define "loragate.servedModelName" -}}
+{{- if .Values.vllm.servedModelName }}
+{{- .Values.vllm.servedModelName }}
+{{- else if eq .Values.model.source "hub" }}
+{{- .Values.model.name }}
+{{- else }}
+{{- fail "vllm.servedModelName is required when model.source is pvc (else clients would have to send the model's file path)" }}
+{{- end }}
+{{- end }}
+
+{{/* Checks across values that the schema cannot express; each fails with what to change. */}}
+{{- define "loragate.validate" -}}
+{{- $names := dict }}
+{{- range .Values.adapters.promoted }}
+{{- if hasKey $names .name }}
+{{- fail (printf "adapters.promoted: adapter %q is listed twice" .name) }}
+{{- end }}
+{{- $_ := set $names .name true }}
+{{- end }}
+{{- if and (not .Values.lora.enabled) .Values.adapters.promoted }}
+{{- fail "adapters.promoted lists adapters but lora.enabled is false: vLLM could not serve them" }}
+{{- end }}
+{{- if and .Values.lora.enabled .Values.lora.maxCpuLoras }}
+{{- if lt (int .Values.lora.maxCpuLoras) (int .Values.lora.maxLoras) }}
+{{- fail (printf "lora.maxCpuLoras (%d) must be >= lora.maxLoras (%d): vLLM refuses to start otherwise" (int .Values.lora.maxCpuLoras) (int .Values.lora.maxLoras)) }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.adapters.source "objectStorage") (not .Values.adapters.objectStorage.uri) }}
+{{- fail "adapters.objectStorage.uri (e.g. s3://bucket/adapters) is required when adapters.source is objectStorage" }}
+{{- end }}
+{{- if and (eq .Values.adapters.source "pvc") (not .Values.adapters.pvc.claimName) }}
+{{- fail "adapters.pvc.claimName is required when adapters.source is pvc" }}
+{{- end }}
+{{- if eq (int .Values.vllm.port) (int .Values.proxy.port) }}
+{{- fail (printf "vllm.port and proxy.port are both %d; they share the pod's network" (int .Values.proxy.port)) }}
+{{- end }}
+{{- $gpus := dig "limits" "nvidia.com/gpu" nil .Values.vllm.resources }}
+{{- if and $gpus .Values.vllm.tensorParallelSize }}
+{{- if ne (int $gpus) (int .Values.vllm.tensorParallelSize) }}
+{{- fail (printf "vllm.tensorParallelSize (%d) must equal the GPUs in vllm.resources.limits[nvidia.com/gpu] (%d)" (int .Values.vllm.tensorParallelSize) (int $gpus)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* `vllm serve` arguments (after the executable and "serve"). */}}
+{{- define "loragate.vllmArgs" -}}
+{{- $v := .Values.vllm -}}
+- {{ include "loragate.modelArg" . | quote }}
+- --served-model-name
+- {{ include "loragate.servedModelName" . | quote }}
+- --host
+- "127.0.0.1"
+- --port
+- {{ $v.port | quote }}
+{{- if and (eq .Values.model.source "hub") .Values.model.revision }}
+- --revision
+- {{ .Values.model.revision | quote }}
+{{- end }}
+{{- if $v.dtype }}
+- --dtype
+- {{ $v.dtype | quote }}
+{{- end }}
+- --max-model-len
+- {{ $v.maxModelLen | quote }}
+{{- if kindIs "bool" $v.enableChunkedPrefill }}
+- {{ ternary "--enable-chunked-prefill" "--no-enable-chunked-prefill" $v.enableChunkedPrefill }}
+{{- end }}
+{{- if $v.maxNumBatchedTokens }}
+- --max-num-batched-tokens
+- {{ $v.maxNumBatchedTokens | quote }}
+{{- end }}
+{{- if $v.maxNumSeqs }}
+- --max-num-seqs
+- {{ $v.maxNumSeqs | quote }}
+{{- end }}
+{{- if $v.gpuMemoryUtilization }}
+- --gpu-memory-utilization
+- {{ $v.gpuMemoryUtilization | quote }}
+{{- end }}
+{{- if $v.tensorParallelSize }}
+- --tensor-parallel-size
+- {{ $v.tensorParallelSize | quote }}
+{{- end }}
+{{- if $v.kvCacheMemoryBytes }}
+- --kv-cache-memory-bytes
+- {{ $v.kvCacheMemoryBytes | quote }}
+{{- end }}
+{{- if kindIs "bool" $v.enablePrefixCaching }}
+- {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" $v.enablePrefixCaching }}
+{{- end }}
+{{- if .Values.lora.enabled }}
+- --enable-lora
+- --max-loras
+- {{ .Values.lora.maxLoras | quote }}
+- --max-lora-rank
+- {{ .Values.lora.maxLoraRank | quote }}
+{{- if .Values.lora.maxCpuLoras }}
+- --max-cpu-loras
+- {{ .Values.lora.maxCpuLoras | quote }}
+{{- end }}
+{{- with .Values.adapters.promoted }}
+- --lora-modules
+{{- range . }}
+- {{ printf "%s=%s/%s" .name (trimSuffix "/" $.Values.adapters.mountPath) .path | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+- --disable-uvicorn-access-log
+{{- range $v.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* An exec probe of vLLM's /health on 127.0.0.1 (the kubelet cannot reach that address). */}}
+{{- define "loragate.vllmProbeExec" -}}
+exec:
+  command:
+    - python3
+    - -c
+    - "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
+    - {{ printf "http://127.0.0.1:%d/health" (int .root.Values.vllm.port) | quote }}
+    - {{ .probe.timeoutSeconds | quote }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* The proxy's environment: keys from the Secret, and settings. */}}
+{{- define "loragate.proxyEnv" -}}
+- name: LORAGATE_PROXY_PUBLIC_METRICS
+  value: {{ .Values.proxy.publicMetrics | quote }}
+- name: LORAGATE_PROXY_UPSTREAM_TIMEOUT_S
+  value: {{ .Values.proxy.upstreamTimeoutSeconds | quote }}
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- with .Values.proxy.auth.existingSecret }}
+- name: LORAGATE_PROXY_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.proxy.auth.apiKeysKey | quote }}
+{{- if $.Values.proxy.auth.adminKeyKey }}
+- name: LORAGATE_PROXY_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.proxy.auth.adminKeyKey | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.proxy.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The smoke test's configuration: what `helm test` checks (files/smoke_check.py reads it). */}}
+{{- define "loragate.smokeConfig" -}}
+{{- $adapters := list }}
+{{- range .Values.adapters.promoted }}
+{{- $adapters = append $adapters (dict "name" .name "output" (default "text" .output) "prompt" (default $.Values.smokeTest.prompt .smokePrompt) "max_tokens" (int (default $.Values.smokeTest.maxTokens .maxTokens))) }}
+{{- end }}
+{{- $cfg := dict "base_url" (printf "http://%s:%d" (include "loragate.fullname" .) (int .Values.service.port)) "base_model" (include "loragate.servedModelName" .) "adapters" $adapters "timeout_s" (int .Values.smokeTest.timeoutSeconds) }}
+{{- toPrettyJson $cfg }}
+{{- end }}
+
+{{/* Labels of the `helm test` pod (it must not match the engine's selector). */}}
+{{- define "loragate.smokeTestLabels" -}}
+helm.sh/chart: {{ include "loragate.chart" . }}
+app.kubernetes.io/name: {{ include "loragate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: smoke-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loragate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
