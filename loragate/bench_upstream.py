@@ -1,0 +1,121 @@
+"""An instant OpenAI-compatible upstream, used only by ``loragate bench`` to isolate the proxy's cost.
+
+This is *not* vLLM and never stands in for it in a test: it answers every ``/v1/completions``
+and ``/v1/chat/completions`` request at once with a fixed JSON completion, streamed as
+``chunks`` SSE events when asked, so that any time measured through the proxy beyond the time
+measured direct is the proxy's own. It speaks just enough HTTP/1.1 (keep-alive,
+Content-Length bodies) over raw asyncio streams to stay cheaper than the thing it measures.
+
+Run: ``python -m loragate.bench_upstream --port P [--chunks N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+MODEL = "bench-adapter"
+ANSWER = '{"title": "Instant", "panels": [{"heading": "Method", "column": 1}]}'
+
+
+def _completion_body(chat: bool, prompt_tokens: int, completion_tokens: int) -> bytes:
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}
+        if chat else {"index": 0, "text": ANSWER, "finish_reason": "stop", "logprobs": None}
+    )
+    return json.dumps({
+        "id": "cmpl-bench", "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": MODEL, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }).encode()
+
+
+def _stream_events(chat: bool, chunks: int, include_usage: bool) -> list[bytes]:
+    pieces = [ANSWER[i * len(ANSWER) // chunks:(i + 1) * len(ANSWER) // chunks] for i in range(chunks)]
+    events = []
+    for i, piece in enumerate(pieces):
+        last = i == chunks - 1
+        choice = (
+            {"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if last else None}
+            if chat else {"index": 0, "text": piece, "finish_reason": "stop" if last else None, "logprobs": None}
+        )
+        events.append(b"data: " + json.dumps({
+            "id": "cmpl-bench", "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 0, "model": MODEL, "choices": [choice],
+        }).encode() + b"\n\n")
+    if include_usage:
+        events.append(b"data: " + json.dumps({
+            "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL, "choices": [],
+            "usage": {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks},
+        }).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+MODELS_BODY = json.dumps({"object": "list", "data": [
+    {"id": MODEL, "object": "model", "owned_by": "bench", "root": "bench-base", "max_model_len": 4096},
+]}).encode()
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = request_line.split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, v in
+                       (line.split(":", 1) for line in header_lines if ":" in line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if path.startswith("/v1/models") or path == "/health":
+                payload = MODELS_BODY if path.startswith("/v1/models") else b""
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                await writer.drain()
+                continue
+            request = json.loads(body or b"{}")
+            chat = path.endswith("/chat/completions")
+            if request.get("stream"):
+                include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for event in _stream_events(chat, chunks, include_usage):
+                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            else:
+                payload = _completion_body(chat, 8, chunks)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(host: str, port: int, chunks: int) -> None:
+    server = await asyncio.start_server(lambda r, w: _handle(r, w, chunks), host, port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed answer")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args.host, args.port, args.chunks))
+
+
+if __name__ == "__main__":
+    main()
