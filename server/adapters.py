@@ -15,10 +15,9 @@ import logging
 import time
 from typing import Iterable
 
-import httpx
-
 from loragate.contracts import Contract, ContractSet
 from loragate.server.metrics import OTHER_ADAPTER
+from loragate.server.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("loragate.proxy")
 
@@ -33,10 +32,9 @@ MAX_ENGINE_NAMES = 1000
 class AdapterNames:
     """Bounded adapter labels, contracts by name, and each served model's ``max_model_len``."""
 
-    def __init__(self, contracts: ContractSet | None, upstream: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, contracts: ContractSet | None, upstream: Upstream) -> None:
         self.contracts = contracts
         self._upstream = upstream
-        self._client = client
         self._static = set(contracts.names) | {contracts.base_model} if contracts else set()
         self._engine: set[str] = set()
         self.max_model_len: dict[str, int] = {}
@@ -77,10 +75,9 @@ class AdapterNames:
         """Read ``/v1/models``; returns whether it answered."""
         self._last_refresh = time.monotonic()
         try:
-            resp = await self._client.get(f"{self._upstream}/v1/models", timeout=5.0)
-            resp.raise_for_status()
-            models = resp.json().get("data") or []
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            document = await self._upstream.get_json("/v1/models", timeout_s=5.0)
+            models = document.get("data") or []
+        except (UpstreamError, AttributeError) as exc:
             log.debug("model list refresh failed: %s", exc)
             return False
         self._take(models)

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loragate.contracts import ContractSet, load_contracts
@@ -34,6 +33,7 @@ from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
 from loragate.server.metrics import ProxyMetrics
+from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("loragate.proxy")
 access_log = logging.getLogger("loragate.proxy.requests")
@@ -44,10 +44,6 @@ Send = Callable[[dict], Awaitable[None]]
 
 JUDGED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
 ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-HOP_BY_HOP = {
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
-    b"transfer-encoding", b"upgrade", b"host", b"content-length",
-}
 
 
 def openai_error(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> bytes:
@@ -94,7 +90,7 @@ class ProxyApp:
         if contracts is None and config.contracts is not None:
             contracts = load_contracts(config.contracts)
         self.metrics = metrics or ProxyMetrics()
-        self.client: httpx.AsyncClient | None = None
+        self.upstream: Upstream | None = None
         self.names: AdapterNames | None = None
         self._contracts = contracts
         self._api_keys = tuple(k.encode() for k in config.api_keys)
@@ -103,18 +99,15 @@ class ProxyApp:
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=self.config.upstream_timeout_s, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        )
-        self.names = AdapterNames(self._contracts, self.config.upstream, self.client)
+        self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
+        self.names = AdapterNames(self._contracts, self.upstream)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
 
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
-        if self.client is not None:
-            await self.client.aclose()
+        if self.upstream is not None:
+            await self.upstream.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -177,11 +170,7 @@ class ProxyApp:
         return ok
 
     async def _ready(self, send: Send) -> None:
-        try:
-            resp = await self.client.get(f"{self.config.upstream}/health", timeout=2.0)
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
-            ok = False
+        ok = await self.upstream.healthy(timeout_s=2.0)
         await self._respond(send, 200 if ok else 503,
                             b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
 
@@ -235,37 +224,31 @@ class ProxyApp:
         finally:
             gauge.dec()
 
-    def _upstream_request(self, scope: Scope, body: bytes) -> httpx.Request:
-        url = self.config.upstream + scope["path"]
+    async def _send_upstream(self, scope: Scope, body: bytes) -> UpstreamResponse:
+        path = scope["path"]
         if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
-        return self.client.build_request(scope["method"], url, headers=headers, content=body)
-
-    @staticmethod
-    def _response_headers(resp: httpx.Response) -> list[tuple[bytes, bytes]]:
-        return [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
+            path += "?" + scope["query_string"].decode("latin-1")
+        return await self.upstream.send(scope["method"], path, scope["headers"], body)
 
     async def _forward_plain(self, scope: Scope, send: Send, endpoint: str, body: bytes) -> None:
         try:
-            resp = await self.client.send(self._upstream_request(scope, body), stream=True)
-        except httpx.HTTPError as exc:
+            resp = await self._send_upstream(scope, body)
+        except UpstreamError as exc:
             await self._upstream_failed(send, endpoint, "", exc)
             return
         try:
-            await send({"type": "http.response.start", "status": resp.status_code,
-                        "headers": self._response_headers(resp)})
-            async for chunk in resp.aiter_raw():
+            await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+            async for chunk in resp.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-        except (httpx.HTTPError, OSError):
+        except (UpstreamError, OSError):
             pass
         finally:
-            await resp.aclose()
-        self.metrics.requests.labels(endpoint, f"{resp.status_code // 100}xx").inc()
+            resp.close()
+        self.metrics.requests.labels(endpoint, f"{resp.status // 100}xx").inc()
 
-    async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: Exception) -> None:
-        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
+    async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: UpstreamError) -> None:
+        kind = "timeout" if exc.kind == "timeout" else "connect"
         self.metrics.upstream_errors.labels(adapter or self.names.label(None), kind).inc()
         self.metrics.requests.labels(endpoint, "5xx").inc()
         status = 504 if kind == "timeout" else 502
@@ -300,41 +283,41 @@ class ProxyApp:
                 body = json.dumps(request).encode()
                 strip_usage = True
         try:
-            resp = await self.client.send(self._upstream_request(scope, body), stream=True)
-        except httpx.HTTPError as exc:
+            resp = await self._send_upstream(scope, body)
+        except UpstreamError as exc:
             await self._upstream_failed(send, endpoint, ex.adapter, exc)
             self._log(ex)
             return
-        ex.status = resp.status_code
+        ex.status = resp.status
         try:
-            if ex.stream and resp.status_code == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
                 await self._relay_stream(send, receive, resp, ex, strip_usage)
             else:
                 await self._relay_whole(send, resp, ex)
         finally:
-            await resp.aclose()
+            resp.close()
         self._log(ex)
 
-    async def _relay_whole(self, send: Send, resp: httpx.Response, ex: _Exchange) -> None:
+    async def _relay_whole(self, send: Send, resp: UpstreamResponse, ex: _Exchange) -> None:
         try:
-            content = await resp.aread()
-        except httpx.HTTPError as exc:
+            content = await resp.read()
+        except UpstreamError as exc:
             self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
             self.metrics.requests.labels(ex.endpoint, "5xx").inc()
             await self._respond(send, 502, openai_error(f"upstream answer broke off: {type(exc).__name__}",
                                                         "upstream_error", 502))
             return
         try:
-            await send({"type": "http.response.start", "status": resp.status_code,
-                        "headers": self._response_headers(resp) + [(b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": resp.headers + [(b"content-length", str(len(content)).encode())]})
             await send({"type": "http.response.body", "body": content})
         except OSError:
             pass
-        self.metrics.requests.labels(ex.endpoint, f"{resp.status_code // 100}xx").inc()
-        if resp.status_code >= 500:
+        self.metrics.requests.labels(ex.endpoint, f"{resp.status // 100}xx").inc()
+        if resp.status >= 500:
             self.metrics.upstream_errors.labels(ex.adapter, "status_5xx").inc()
             return
-        if resp.status_code != 200:
+        if resp.status != 200:
             return  # the engine refused the request (400 bad params, 404 unknown model): nothing generated
         try:
             answer = json.loads(content)
@@ -349,7 +332,7 @@ class ProxyApp:
         self._count(ex, outputs, usage)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
-    async def _relay_stream(self, send: Send, receive: Receive, resp: httpx.Response, ex: _Exchange,
+    async def _relay_stream(self, send: Send, receive: Receive, resp: UpstreamResponse, ex: _Exchange,
                             strip_usage: bool) -> None:
         gone = asyncio.Event()
 
@@ -365,9 +348,8 @@ class ProxyApp:
         buffer = b""
         model_seen = False
         try:
-            await send({"type": "http.response.start", "status": resp.status_code,
-                        "headers": self._response_headers(resp)})
-            async for chunk in resp.aiter_raw():
+            await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+            async for chunk in resp.iter_chunks():
                 if gone.is_set():
                     raise _ClientGone
                 buffer += chunk
@@ -418,7 +400,7 @@ class ProxyApp:
             self.metrics.requests.labels(ex.endpoint, "4xx").inc()
             ex.status = 499
             return
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
             self.metrics.requests.labels(ex.endpoint, "5xx").inc()
             ex.status = 502
