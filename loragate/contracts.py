@@ -75,6 +75,9 @@ class LoadSLO:
     max_error_rate: float = 0.01
     #: Output tokens per second over the whole run, all users together.
     min_output_tokens_per_s: float = 20.0
+    #: Largest share of completions under load that end at ``max_tokens`` (runaways): the load
+    #: run never sets ``ignore_eos``/``min_tokens``, so an adapter that cannot stop shows here too.
+    max_runaway_share: float = 0.10
 
 
 @dataclass(frozen=True)
