@@ -631,3 +631,47 @@ def test_notes_tell_how_to_reach_and_test_the_release() -> None:
     notes = out[out.index("NOTES:"):]
     assert f"helm test {RELEASE} -n {NAMESPACE} --logs" in notes
     assert "poster-good" in notes and "kubectl -n loragate create secret generic loragate-proxy-keys" in notes
+
+
+# --------------------------------------------------------------------------- README
+
+
+def _readme_section() -> str:
+    text = (CHART.parent.parent / "README.md").read_text()
+    start = text.index("## Deploy on a GPU cluster")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_readme_helm_commands_render(tmp_path: Path) -> None:
+    """The README's `helm install` / `helm upgrade` lines render with the chart, given the
+    promoted-set file exactly as the README shows it."""
+    import shlex
+
+    section = _readme_section()
+    promoted_example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    promoted = tmp_path / "promoted.yaml"
+    promoted.write_text("\n".join(line[3:] if line.startswith("   ") else line
+                                  for line in promoted_example.splitlines()))
+    assert yaml.safe_load(promoted.read_text())["adapters"]["promoted"][0]["name"] == "poster-good"
+    (tmp_path / "my-values.yaml").write_text("{}\n")
+    commands = [" ".join(c.split()) for c in re.findall(r"(helm (?:install|upgrade) (?:[^\n]*\\\n)*[^\n]*)",
+                                                        section.replace("\\\n  ", "\\\n"))]
+    commands = [c.replace("\\ ", "") for c in commands]
+    assert any(c.startswith("helm install") for c in commands) and any(c.startswith("helm upgrade") for c in commands)
+    for command in commands:
+        argv = shlex.split(command)
+        argv = [str(CHART) if a == "charts/loragate" else str(promoted) if a == ".loragate/promoted/values.yaml"
+                else str(tmp_path / a) if a == "my-values.yaml" else a for a in argv]
+        docs = [d for d in yaml.safe_load_all(helm("template", *argv[2:]).stdout) if d]
+        assert flag_values(container(docs, "vllm")["args"], "--lora-modules") == ["poster-good=/adapters/poster-good"]
+        if argv[1] == "install":
+            assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(docs))
+            assert container(docs, "proxy")["image"] == "registry.example.com/loragate:0.1.0"
+
+
+def test_readme_names_the_prerequisites_and_test_command() -> None:
+    section = _readme_section()
+    for needed in ("GPU operator", "device plugin", "Prometheus operator", "helm test loragate -n loragate",
+                   "adapters.promoted", ".loragate/promoted/values.yaml"):
+        assert needed in section, needed
