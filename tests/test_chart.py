@@ -302,6 +302,43 @@ def test_null_long_context_values_leave_vllm_defaults() -> None:
         assert flag not in args
 
 
+_VLLM_PARSE = r"""
+import json, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.engine.arg_utils import EngineArgs
+from vllm.config.lora import LoRAConfig
+out = []
+for args in json.load(sys.stdin):
+    ns = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(args)
+    validate_parsed_serve_args(ns)
+    ea = EngineArgs.from_cli_args(ns)
+    LoRAConfig(max_loras=ea.max_loras, max_lora_rank=ea.max_lora_rank, max_cpu_loras=ea.max_cpu_loras)
+    out.append({"model": ns.model_tag, "max_model_len": ea.max_model_len, "chunked": ea.enable_chunked_prefill,
+                "batched": ea.max_num_batched_tokens, "gpu_mem": ea.gpu_memory_utilization,
+                "tp": ea.tensor_parallel_size, "lora": ea.enable_lora, "max_loras": ea.max_loras,
+                "rank": ea.max_lora_rank, "cpu_loras": ea.max_cpu_loras,
+                "modules": [[m.name, m.path] for m in (ns.lora_modules or [])]})
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
+    """The GPU profiles cannot run here, but their arguments go through vLLM 0.32's own
+    `vllm serve` parser, its validation, EngineArgs and LoRAConfig (as at start-up)."""
+    import sys
+
+    arg_lists = [container(render(files), "vllm")["args"] for files in ([], [full_values])]
+    proc = subprocess.run([sys.executable, "-c", _VLLM_PARSE], input=json.dumps(arg_lists), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default, full = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
+    assert default == {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_model_len": 32768, "chunked": True,
+                       "batched": 8192, "gpu_mem": 0.9, "tp": 1, "lora": True, "max_loras": 4, "rank": 64,
+                       "cpu_loras": 8, "modules": []}
+    assert full["modules"] == [["support-triage", "/adapters/support-triage"], ["summarizer", "/adapters/team-a/summarizer"]]
+
+
 def test_tensor_parallel_size_must_match_the_gpus() -> None:
     err = render_error(sets={"vllm.tensorParallelSize": 2})
     assert "vllm.tensorParallelSize (2) must equal the GPUs" in err
