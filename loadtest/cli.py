@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def render(result: LoadResult) -> str:
     ]
     for message, count in list(result.errors.items())[:5]:
         lines.append(f"    error x{count}: {message}")
-    lines.append(f"  {DEFINITIONS}")
+    lines += textwrap.wrap(DEFINITIONS, width=100, initial_indent="  ", subsequent_indent="  ")
     if result.passed:
         lines.append("PASS: every load SLO holds")
     else:

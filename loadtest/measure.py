@@ -289,12 +289,13 @@ class SLOCheck:
         """``"TTFT p95: 6120 ms > bar 5000 ms"``: what was measured against which bar."""
         op = ">" if self.kind == "max" else "<"
         if self.measured is None:
-            return f"{self.label}: not measured (no completed request) vs bar {_fmt(self.bar, self.unit)}"
+            return f"{self.label}: not measured (no sample) vs bar {format_value(self.bar, self.unit)}"
         rel = op if not self.passed else ("<=" if self.kind == "max" else ">=")
-        return f"{self.label}: {_fmt(self.measured, self.unit)} {rel} bar {_fmt(self.bar, self.unit)}"
+        return f"{self.label}: {format_value(self.measured, self.unit)} {rel} bar {format_value(self.bar, self.unit)}"
 
 
-def _fmt(value: float, unit: str) -> str:
+def format_value(value: float, unit: str) -> str:
+    """``value`` for a reader: ``%`` shares as percent, ``ms`` rounded, others with one decimal."""
     if unit == "%":
         return f"{value * 100:.1f}%"
     if unit == "ms":
