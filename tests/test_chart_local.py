@@ -127,14 +127,19 @@ def _spawn(name: str, cmd: list[str], env: Mapping[str, str], logs: Path) -> Pro
 
 
 def _stop(procs: list[Proc], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every process group, wait, SIGKILL what is left (descendants included)."""
+    """SIGTERM every process group, wait, SIGKILL what is left (descendants included), then
+    remove the shared memory they held that nothing else uses (a SIGKILLed vLLM leaks it)."""
     import psutil
+
+    from loragate.stack import _shm_files, _unlink_unused
 
     family: list[psutil.Process] = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(proc.popen.pid)
             family += [root, *root.children(recursive=True)]
+    shm = _shm_files([p.pid for p in family])
+    for proc in procs:
         with contextlib.suppress(OSError):
             os.killpg(proc.popen.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(family, timeout=grace_s)
@@ -148,6 +153,7 @@ def _stop(procs: list[Proc], grace_s: float = STOP_GRACE_S) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.popen.wait(timeout=5)
+    _unlink_unused(shm)
 
 
 def _wait(check, what: str, procs: list[Proc], deadline: float) -> None:
