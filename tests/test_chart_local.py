@@ -30,7 +30,6 @@ however it ends. It runs once per session (module-scoped fixture), ~1-2 minutes 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -45,7 +44,7 @@ import httpx
 import pytest
 import yaml
 
-from chart_tools import CPU_VALUES, container, env_of, flag_values, one, render
+from chart_tools import CPU_VALUES, container, flag_values, one, render
 from loragate import settings
 from loragate.stack import free_port, log_tail
 
