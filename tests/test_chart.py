@@ -125,7 +125,7 @@ def test_strict_validation_catches_an_unknown_field() -> None:
 
 
 def _checkov_json(stdout: str) -> list[dict[str, Any]]:
-    data = json.loads(stdout[stdout.index("{") if stdout.lstrip().startswith("{") else stdout.index("["):])
+    data = json.loads(stdout)  # -o json: stdout is the report alone (logs go to stderr)
     return data if isinstance(data, list) else [data]
 
 
