@@ -59,6 +59,9 @@ METRIC_TYPE = "LLM"
 #: Default read timeout (seconds) of one request: a gap longer than this fails the request.
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds a user pauses after a failed request, so a server that refuses at once is not
+#: hammered in a tight loop (and the samples stay a readable size).
+FAILURE_BACKOFF_S = 0.5
 
 
 @events.init_command_line_parser.add_listener
@@ -249,13 +252,17 @@ class CompletionUser(User):
         if cfg is None:  # bad configuration: test_start reported it and stops the test
             gevent.sleep(1)
             return
-        host = self.environment.host or self.host
-        if not host:
-            RUN.error = "no host: pass --host URL (the proxy's base URL)"
-            log.error("loragate load: %s", RUN.error)
+        try:
+            host = self.environment.host or self.host
+            if not host:
+                raise LoadTestError("no host: pass --host URL (the proxy's base URL)")
+            url = base_url(host) + COMPLETIONS_PATH
+        except LoragateError as exc:
+            if RUN.error != str(exc):
+                RUN.error = str(exc)
+                log.error("loragate load: %s", exc)
             gevent.sleep(1)
             return
-        url = base_url(host) + COMPLETIONS_PATH
         body = completion_body(cfg.adapter, RUN.next_prompt(), cfg.max_tokens, cfg.temperature)
         name = f"{COMPLETIONS_PATH} [{cfg.adapter}]"
         sent_wall, sent = time.time(), time.perf_counter()
@@ -285,14 +292,16 @@ class CompletionUser(User):
             response_length=timer.bytes_received, exception=error, context={"adapter": cfg.adapter},
             response=None, url=url, start_time=sent_wall,
         )
-        if sample.ok:
-            env = self.environment
-            log_metric(env, "ttft", sample.ttft_s * 1000)
-            for gap in sample.itl_s:
-                log_metric(env, "itl", gap * 1000)
-            tpot = sample.tpot_s
-            if tpot is not None:
-                log_metric(env, "tpot", tpot * 1000)
-            log_metric(env, "output tokens", (tpot if tpot is not None else sample.ttft_s) * 1000,
-                       count=sample.output_tokens)
-            log_metric(env, f"finish_reason={sample.finish_reason}", sample.e2e_s * 1000)
+        if not sample.ok:
+            gevent.sleep(FAILURE_BACKOFF_S)
+            return
+        env = self.environment
+        log_metric(env, "ttft", sample.ttft_s * 1000)
+        for gap in sample.itl_s:
+            log_metric(env, "itl", gap * 1000)
+        tpot = sample.tpot_s
+        if tpot is not None:
+            log_metric(env, "tpot", tpot * 1000)
+        log_metric(env, "output tokens", (tpot if tpot is not None else sample.ttft_s) * 1000,
+                   count=sample.output_tokens)
+        log_metric(env, f"finish_reason={sample.finish_reason}", sample.e2e_s * 1000)

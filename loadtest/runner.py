@@ -91,7 +91,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     #: How the run was made: users, spawn_rate, duration_s, max_tokens, temperature, prompts.
     config: dict[str, Any] = field(default_factory=dict)
-    #: Files written: samples, locust CSV / HTML / JSON, this result (when ``report_dir`` given).
+    #: Files written: samples, locust CSV / HTML / log, this result (when ``report_dir`` given).
     report_files: dict[str, str] = field(default_factory=dict)
     definitions: str = DEFINITIONS
 
@@ -238,7 +238,7 @@ def run_load(endpoint: str, adapter: str, contract: Contract, prompts: Sequence[
     requests' budget unless ``max_tokens`` is given. ``prompts``: rendered prompts, sent in
     order, cycling. ``metrics_url``: the proxy's ``/metrics`` for the counter check (``None``:
     not checked, recorded as such). ``report_dir``: keep the samples, locust's CSV, HTML and
-    JSON stats, and ``load.json`` there (otherwise they go to a temporary folder, removed).
+    log, and ``load.json`` there (otherwise they go to a temporary folder, removed).
 
     Raises :class:`LoadTestError` when the run cannot be made or judged (never a pass).
     """
@@ -257,7 +257,6 @@ def run_load(endpoint: str, adapter: str, contract: Contract, prompts: Sequence[
             "samples": work / "samples.jsonl",
             "locust_log": work / "locust.log",
             "locust_html": work / "locust.html",
-            "locust_json": work / "locust_stats.json",
             "locust_csv_stats": work / "locust_stats.csv",
         }
         files["samples"].unlink(missing_ok=True)
@@ -267,7 +266,6 @@ def run_load(endpoint: str, adapter: str, contract: Contract, prompts: Sequence[
             "--host", endpoint, "-u", str(int(users)), "-r", f"{float(spawn_rate):g}",
             "-t", f"{int(round(duration_s))}s", "--stop-timeout", f"{STOP_TIMEOUT_S:g}",
             "--csv", str(work / "locust"), "--html", str(files["locust_html"]),
-            "--json-file", str(files["locust_json"].with_suffix("")),
             "--exit-code-on-error", "0", "--loglevel", "INFO",
             "--adapter", adapter, "--prompts-file", str(files["prompts"]),
             "--max-tokens", str(budget), "--temperature", f"{float(temperature):g}",

@@ -8,6 +8,7 @@ stack's vLLM (``own_proxy``), so other tests' traffic cannot move the counters i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ import yaml
 from conftest import start_proxy
 
 from loragate.cli import main as loragate_main
-from loragate.contracts import LoadSLO, load_contracts
+from loragate.contracts import load_contracts
 from loragate.loadtest.prompts import load_prompts
 from loragate.loadtest.runner import COUNTER_BREACH, LoadResult, run_load
 
@@ -46,7 +47,7 @@ def load_run(stack, own_proxy, tmp_path_factory) -> tuple[LoadResult, Path]:
     return result, report
 
 
-def test_every_metric_measured_and_counters_match(load_run) -> None:
+def test_every_metric_measured_and_counters_match(stack, load_run) -> None:
     result, _ = load_run
     m = result.metrics
     for key in ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot_mean_ms", "e2e_p50_ms",
@@ -60,8 +61,8 @@ def test_every_metric_measured_and_counters_match(load_run) -> None:
     assert result.counters["checked"] and result.counters["passed"], result.counters
     assert result.counters["observed"]["completions"] == m["completed"]
     assert result.counters["observed"]["output_tokens"] == m["output_tokens"] > 0
-    # the demo SLOs (LoadSLO defaults, set from measurement with margin) hold for the good adapter
-    assert result.slo == LoadSLO().__dict__
+    # the demo SLOs (set from measurement with margin) hold for the good adapter
+    assert result.slo == dataclasses.asdict(load_contracts(stack.contracts_file)[ADAPTER].slo)
     assert result.passed and result.breaches == [], result.breaches
 
 
@@ -199,3 +200,21 @@ def test_web_ui_mode_for_an_operator(stack) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_unreachable_endpoint_fails_closed(tmp_path) -> None:
+    """Every request fails: the error rate breaches, nothing else counts as met, and the
+    failures are reported by message."""
+    from loragate.contracts import Contract
+
+    contract = Contract(name=ADAPTER, path=tmp_path, base_model="b", max_tokens=8)
+    result = run_load(f"http://127.0.0.1:{_free_port()}", ADAPTER, contract, ["hello"], users=1,
+                      spawn_rate=1, duration_s=2)
+    m = result.metrics
+    assert m["requests"] >= 1 and m["completed"] == 0 and m["error_rate"] == 1.0
+    assert not result.passed
+    named = {b.split(":")[0] for b in result.breaches}
+    assert {"error rate", "TTFT p95", "ITL p95", "output tokens/s"} <= named, result.breaches
+    assert any("not measured" in b for b in result.breaches)
+    assert sum(result.errors.values()) == m["requests"]
+    assert result.counters == {"checked": False, "passed": None, "detail": "no metrics URL given: not checked"}
