@@ -1,0 +1,107 @@
+"""Rates with 95% Wilson intervals, and the sample sizes the gate's bars imply.
+
+A rate bar (``stop_rate >= 0.90``) is met only when the *lower* bound of the measured rate's
+95% Wilson score interval clears it; a ceiling (``runaway share <= 0.10``) only when the
+*upper* bound stays under it. So a handful of lucky samples can never pass: 20 out of 20
+stops give a lower bound of 0.839, which does not clear a 0.90 bar, let alone 0.95.
+
+The sample size of a check follows from its bar: the smallest ``n`` for which a perfect run
+(``n`` successes out of ``n``) clears it. For a floor ``b`` that is the smallest ``n`` with
+``n / (n + z**2) > b``, e.g. 35 for 0.90, 73 for 0.95, 16 for 0.80 (z = 1.96).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Two-sided 95% normal quantile.
+Z_95 = 1.959963984540054
+#: Largest sample size :func:`required_n` will ever ask for (a bar of 1.0 cannot be met).
+MAX_SAMPLE_SIZE = 10_000
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of ``successes / n``; ``(0, 1)`` when ``n == 0``."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # Clamp float noise at the ends (0/n has a lower bound of exactly 0, n/n an upper of 1).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def meets_floor(successes: int, n: int, bar: float) -> bool:
+    """Whether the rate's 95% lower bound is at least ``bar`` (no samples never meet a bar > 0)."""
+    if bar <= 0:
+        return True
+    return n > 0 and wilson_interval(successes, n)[0] >= bar
+
+
+def meets_ceiling(bad: int, n: int, ceiling: float) -> bool:
+    """Whether the share of bad outcomes has its 95% upper bound at or under ``ceiling``."""
+    if ceiling >= 1:
+        return True
+    return n > 0 and wilson_interval(bad, n)[1] <= ceiling
+
+
+def required_n_floor(bar: float) -> int:
+    """Smallest ``n`` whose all-success run has a 95% lower bound at or above ``bar``."""
+    if bar <= 0:
+        return 1
+    for n in range(1, MAX_SAMPLE_SIZE + 1):
+        if meets_floor(n, n, bar):
+            return n
+    raise ValueError(f"a bar of {bar} cannot be shown with up to {MAX_SAMPLE_SIZE} samples")
+
+
+def required_n_ceiling(ceiling: float) -> int:
+    """Smallest ``n`` whose run with no bad outcome has a 95% upper bound at or under ``ceiling``."""
+    if ceiling >= 1:
+        return 1
+    for n in range(1, MAX_SAMPLE_SIZE + 1):
+        if meets_ceiling(0, n, ceiling):
+            return n
+    raise ValueError(f"a ceiling of {ceiling} cannot be shown with up to {MAX_SAMPLE_SIZE} samples")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A measured share with its 95% Wilson interval."""
+
+    successes: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        """The point estimate (0 when nothing was measured)."""
+        return self.successes / self.n if self.n else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.n)
+
+    @property
+    def low(self) -> float:
+        return self.interval[0]
+
+    @property
+    def high(self) -> float:
+        return self.interval[1]
+
+    def describe(self) -> str:
+        """``34/35 = 97.1% [95% CI 85.5-99.5%]``."""
+        low, high = self.interval
+        return f"{self.successes}/{self.n} = {self.value:.1%} [95% CI {low:.1%}-{high:.1%}]"
+
+    def to_dict(self) -> dict:
+        low, high = self.interval
+        return {"successes": self.successes, "n": self.n, "rate": round(self.value, 4),
+                "ci95_low": round(low, 4), "ci95_high": round(high, 4)}
