@@ -219,28 +219,30 @@ def probe_sample_size(contract: Contract) -> int:
 def probe_lengths(contract: Contract, max_model_len: int, longest_heldout: int) -> list[tuple[int, bool]]:
     """``(length, gating)`` of each probe, ascending: beyond training, up to near the context.
 
-    The ladder starts at the training length (or twice the longest held-out prompt when none
-    is declared), doubles, and always includes the contract's ``max_input_tokens`` and the
-    longest prompt the engine can take with ``max_tokens`` of output.
+    The ladder starts at the training length (twice the longest held-out prompt when none is
+    declared or the held-out prompts already exceed it), doubles, and always includes the
+    contract's ``max_input_tokens`` and the longest prompt the engine can take with
+    ``max_tokens`` of output.
     """
     ceiling = max_model_len - contract.max_tokens - CONTEXT_MARGIN
     if ceiling <= longest_heldout:
         return []
     promise = contract.max_input_tokens
-    start = contract.train_seq_len or 2 * longest_heldout
-    start = max(start, longest_heldout + 1)
-    points = {min(start, ceiling), ceiling}
+    # When the held-out prompts already exceed the training length, they cover it; start beyond them.
+    start = contract.train_seq_len or 0
+    if start <= longest_heldout:
+        start = 2 * longest_heldout
+    fixed = {min(start, ceiling), ceiling}
     if promise is not None and longest_heldout < promise <= ceiling:
-        points.add(promise)
+        fixed.add(promise)
+    ordered = set(fixed)
     length = start * 2
     while length < ceiling:
-        points.add(length)
+        # A doubling within 25% of a fixed point (start, promise, ceiling) adds nothing new.
+        if all(not (f / 1.25 < length < f * 1.25) for f in fixed):
+            ordered.add(length)
         length *= 2
-    ordered = []
-    for length in sorted(points):
-        if ordered and length < ordered[-1] * 1.05 and length != promise:
-            continue  # within 5% of the previous one: nothing new to learn
-        ordered.append(length)
+    ordered = sorted(ordered)
     if len(ordered) > MAX_PROBE_LENGTHS:  # keep both ends and the promise, thin out the middle
         keep = {ordered[0], ordered[-1]} | ({promise} if promise in ordered else set())
         middle = [x for x in ordered if x not in keep]

@@ -1,0 +1,265 @@
+"""The gate's parts without an engine: prompts, probes, plans, check evaluation, verdict, reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from loragate.acceptance import report as rep
+from loragate.acceptance.checks import evaluate, failed_sample, judge_sample, rate
+from loragate.acceptance.gate import decide
+from loragate.acceptance.plan import (AdapterPlan, Baseline, CheckSpec, RequestSpec, RunSpec, SuitePlan,
+                                      build_adapter_plan, probe_lengths)
+from loragate.acceptance.prompts import (DemoPaperLengthener, PromptRecord, PromptsError, is_demo_paper,
+                                         parse_demo_paper, read_prompts)
+from loragate.acceptance.results import CheckResult
+from loragate.acceptance.runner import FORBIDDEN_FIELDS, request_body
+from loragate.contracts import Contract, Thresholds
+from loragate.demo import data
+
+SCHEMA = data.LAYOUT_SCHEMA
+TEMPLATE = data.PROMPT_TEMPLATE
+VALID = json.dumps({"title": "T", "authors": ["A"], "panels": [{"heading": "Method", "column": 1}], "theme": "dark"})
+
+
+def contract(tmp_path: Path, **kw) -> Contract:
+    base = dict(name="poster", path=tmp_path, base_model="base", output="json", json_schema=SCHEMA, max_tokens=160,
+                train_seq_len=512, max_input_tokens=600, prompt_template=TEMPLATE)
+    base.update(kw)
+    return Contract(**base)
+
+
+def papers(n: int, seed: int = 7) -> list[data.Paper]:
+    import random
+
+    rng = random.Random(seed)
+    return [data.make_paper(rng) for _ in range(n)]
+
+
+def count_chars(prompt: str) -> int:
+    """A stand-in tokenizer: 1 token per 4 characters (monotone, like a real one)."""
+    return len(prompt) // 4 + 1
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompts_are_rendered_with_the_contract_template(tmp_path: Path) -> None:
+    c = contract(tmp_path)
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"input": "Title: X"}) + "\n" + json.dumps({"prompt": TEMPLATE.replace("{input}", "Y")}) + "\n")
+    records = read_prompts(f, c)
+    assert records[0].prompt == "### Paper:\nTitle: X\n### Layout:\n" and records[0].input == "Title: X"
+    assert records[1].input == "Y"
+    f.write_text(json.dumps({"prompt": "Y without the template"}) + "\n")
+    with pytest.raises(PromptsError, match="does not follow poster's prompt_template"):
+        read_prompts(f, c)
+    f.write_text("[1]\n")
+    with pytest.raises(PromptsError, match="expected a JSON object"):
+        read_prompts(f, c)
+
+
+def test_demo_papers_are_recognised_and_lengthened_to_the_target(tmp_path: Path) -> None:
+    c = contract(tmp_path)
+    records = [PromptRecord(c.render_prompt(p.text), p.text, p.layout) for p in papers(20)]
+    assert all(is_demo_paper(r.input) for r in records)
+    assert not is_demo_paper("a support ticket")
+    assert parse_demo_paper(records[0].input).text == records[0].input
+    lengthener = DemoPaperLengthener(c, records, count_chars)
+    for target in (400, 1000):
+        probes = lengthener.build(target, 8, seed=3)
+        assert len(probes) == 8
+        for probe in probes:
+            assert probe.tokens == count_chars(probe.prompt) <= target
+            assert probe.tokens >= target - DemoPaperLengthener.TOLERANCE
+            # Same task, longer input: the template wraps it and the right answer is unchanged.
+            assert probe.prompt.startswith("### Paper:\n") and probe.prompt.endswith("\n### Layout:\n")
+            paper = parse_demo_paper(probe.prompt[len("### Paper:\n"):-len("\n### Layout:\n")])
+            assert paper.layout == probe.expected
+    assert lengthener.build(400, 8, seed=3) == lengthener.build(400, 8, seed=3)  # deterministic
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_probe_ladder_goes_beyond_training_up_to_the_served_context(tmp_path: Path) -> None:
+    c = contract(tmp_path)
+    ladder = probe_lengths(c, 4096, longest_heldout=217)
+    assert ladder == [(512, True), (600, True), (1024, False), (2048, False), (4096 - 160 - 16, False)]
+    whole = probe_lengths(dataclasses.replace(c, max_input_tokens=None), 4096, 217)
+    assert all(gating for _, gating in whole)  # no promise: the whole served context must hold
+    assert probe_lengths(c, 300, 217) == []
+
+
+def test_plan_sizes_runs_and_never_forces_a_length(tmp_path: Path) -> None:
+    c = contract(tmp_path)
+    records = [PromptRecord(c.render_prompt(p.text), p.text, p.layout) for p in papers(80)]
+    plan = build_adapter_plan(c, contracts_file="x.yaml", max_model_len=4096, heldout=records,
+                              lengthener=DemoPaperLengthener(c, records, count_chars), probe_source="demo",
+                              count_tokens=count_chars, baseline=Baseline("base", "base"), temperature=0.2, seed=5)
+    sizes = {r.id: len(r.requests) for r in plan.runs}
+    assert sizes["greedy"] == sizes["sampled"] == 35
+    assert sizes["baseline"] == 16
+    assert all(sizes[r] == 16 for r in sizes if r.startswith("probe-") and int(r[6:]) <= 600)
+    assert all(sizes[r] == 8 for r in sizes if r.startswith("probe-") and int(r[6:]) > 600)
+    sampled = plan.run("sampled")
+    assert [q.seed for q in sampled.requests] == [5 + i for i in range(35)]
+    assert {q.prompt for q in sampled.requests}.isdisjoint({q.prompt for q in plan.run("greedy").requests})
+    for run in plan.runs:
+        for q in run.requests:
+            body = request_body(run, q)
+            assert not FORBIDDEN_FIELDS & body.keys()
+            assert set(body) <= {"model", "prompt", "max_tokens", "temperature", "seed"}
+            assert body["max_tokens"] == 160 and body["prompt"].startswith("### Paper:\n")
+    gating = {ch.id for ch in plan.checks if ch.gating}
+    assert {"greedy.stop_rate", "greedy.json_validity", "greedy.runaway_rate", "sampled.stop_rate",
+            "probe-600.json_validity", "all.non_empty"} <= gating
+    assert "probe-1024.stop_rate" not in gating and "baseline.runaway_rate" not in gating
+    assert AdapterPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    with pytest.raises(PromptsError, match="need 35 held-out prompts"):
+        build_adapter_plan(c, contracts_file="x.yaml", max_model_len=4096, heldout=records[:20],
+                           lengthener=DemoPaperLengthener(c, records, count_chars), probe_source="demo",
+                           count_tokens=count_chars, baseline=Baseline("none"))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _plan(run_sizes: dict[str, int], checks: list[CheckSpec], baseline: Baseline = Baseline("none")) -> AdapterPlan:
+    runs = tuple(RunSpec(r, r, "poster", 0.0, 160, tuple(RequestSpec(i, "p") for i in range(n)))
+                 for r, n in run_sizes.items())
+    return AdapterPlan("poster", "x.yaml", True, 4096, 160, Thresholds(), baseline, runs, tuple(checks))
+
+
+def _sample(run: str, i: int, text: str, finish: str, completion_tokens: int = 40):
+    return judge_sample(adapter="poster", run=run, index=i, model="poster", text=text, finish_reason=finish,
+                        prompt_tokens=100, completion_tokens=completion_tokens, expects_json=True,
+                        json_schema=SCHEMA, max_model_len=4096)
+
+
+def test_runaway_and_prefix_diagnosis_use_the_shared_judging() -> None:
+    run_on = _sample("greedy", 0, VALID + "\n### Layout:\n{", "length", 160)
+    assert not run_on.stopped and run_on.runaway and run_on.json_result == "invalid"
+    assert run_on.prefix_json_valid is True  # the answer was there; it did not stop
+    prose = _sample("greedy", 1, "The model reduces latency.", "length", 160)
+    assert prose.prefix_json_valid is False
+    cut_by_context = judge_sample(adapter="poster", run="probe", index=0, model="poster", text="{", finish_reason="length",
+                                  prompt_tokens=4000, completion_tokens=96, expects_json=True, json_schema=SCHEMA,
+                                  max_model_len=4096)
+    assert cut_by_context.context_cut and not cut_by_context.runaway
+
+
+def test_floor_check_on_the_lower_bound_and_failed_requests_count_against() -> None:
+    spec = CheckSpec("greedy.stop_rate", "greedy", "stop_rate", "floor", 0.9, True)
+    plan = _plan({"greedy": 35}, [spec])
+    perfect = [_sample("greedy", i, VALID, "stop") for i in range(35)]
+    assert evaluate(spec, plan, {"greedy": perfect}).passed
+    one_error = perfect[:34] + [failed_sample(adapter="poster", run="greedy", index=34, model="poster", error="HTTP 500")]
+    result = evaluate(spec, plan, {"greedy": one_error})
+    assert not result.passed and "1 request(s) failed" in result.summary
+    assert result.summary.startswith("stop rate (greedy): 34/35 = 97.1%")
+    missing = evaluate(spec, plan, {"greedy": perfect[:20]})
+    assert not missing.passed and "only 20 of 35 planned requests were judged" in missing.summary
+    runaway = CheckSpec("greedy.runaway_rate", "greedy", "runaway_rate", "ceiling", 0.1, True)
+    assert rate(one_error, "runaway_rate").successes == 1
+    assert not evaluate(runaway, _plan({"greedy": 35}, [runaway]), {"greedy": one_error}).passed
+
+
+def test_regression_against_the_promoted_adapter() -> None:
+    spec = CheckSpec("regression.stop_rate", "greedy", "regression_stop_rate", "max_drop", 0.05, True)
+    plan = _plan({"greedy": 35, "baseline": 35}, [spec], Baseline("promoted", "old"))
+    good = [_sample("greedy", i, VALID, "stop") for i in range(35)]
+    worse = good[:31] + [_sample("greedy", i, VALID, "length", 160) for i in range(31, 35)]
+    assert evaluate(spec, plan, {"greedy": good, "baseline": good}).passed
+    result = evaluate(spec, plan, {"greedy": worse, "baseline": good})
+    assert not result.passed and "drop 11.4%" in result.summary
+    recorded = _plan({"greedy": 35}, [spec], Baseline("record", "poster", recorded={"stop_rate": 1.0}))
+    assert not evaluate(spec, recorded, {"greedy": worse}).passed
+    assert evaluate(spec, recorded, {"greedy": good}).passed
+
+
+def _failed(id_: str, summary: str, measured: dict | None = None) -> CheckResult:
+    return CheckResult(id=id_, phase="suite", name=id_, passed=False, gating=True, summary=summary,
+                       measured=measured or {})
+
+
+def test_reasons_name_the_root_cause_first() -> None:
+    # An adapter that writes the answer and never stops: stop rate first.
+    runs_on = [_failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid": 35}),
+               _failed("probe-600.stop_rate", "probe stop"), _failed("greedy.stop_rate", "stop rate")]
+    verdict, reasons, _ = decide(runs_on)
+    assert verdict == "REJECT" and reasons[0] == "stop rate" and reasons[1] == "JSON validity"
+    # An adapter that writes prose: JSON validity first.
+    prose = [_failed("greedy.stop_rate", "stop rate"),
+             _failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid": 0})]
+    assert decide(prose)[1][0] == "JSON validity"
+    static = CheckResult(id="static.lora_rank", phase="static", name="LoRA rank", passed=False, gating=True,
+                         summary="LoRA rank")
+    assert decide(prose + [static])[1][0] == "LoRA rank"
+    ok = CheckResult(id="greedy.stop_rate", phase="suite", name="stop rate", passed=True, gating=True, summary="ok")
+    info = CheckResult(id="probe-3920.stop_rate", phase="suite", name="s", passed=True, gating=False, summary="i")
+    assert decide([ok, info])[0] == "PROMOTE"
+    assert decide([])[0] == "REJECT"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _report(verdict: str = "REJECT") -> dict:
+    checks = [CheckResult(id="greedy.stop_rate", phase="suite", name="stop rate", passed=verdict == "PROMOTE",
+                          gating=True, summary="stop rate (greedy): 0/35 = 0.0% <& \"quoted\">",
+                          measured={"successes": 0, "n": 35, "rate": 0.0, "ci95_low": 0.0, "ci95_high": 0.099},
+                          bar={"kind": "floor", "value": 0.9}).to_dict(),
+              CheckResult(id="static.pad_eos", phase="static", name="pad", passed=False, gating=False, warning=True,
+                          summary="pad token vs EOS: pad_token == eos_token").to_dict()]
+    runs = [{"id": "greedy", "label": "greedy", "model": "poster", "n": 35, "planned": 35, "prompt_tokens_min": 90,
+             "prompt_tokens_median": 150, "prompt_tokens_max": 217,
+             "stop_rate": {"successes": 0, "n": 35, "rate": 0.0, "ci95_low": 0.0, "ci95_high": 0.099},
+             "json_validity": {"successes": 0, "n": 35, "rate": 0.0, "ci95_low": 0.0, "ci95_high": 0.099},
+             "runaway_rate": {"successes": 35, "n": 35, "rate": 1.0, "ci95_low": 0.9, "ci95_high": 1.0}},
+            {"id": "probe-1024", "label": "long", "model": "poster", "n": 8, "planned": 8, "prompt_tokens_min": 1000,
+             "prompt_tokens_median": 1010, "prompt_tokens_max": 1024,
+             "stop_rate": {"successes": 8, "n": 8, "rate": 1.0, "ci95_low": 0.68, "ci95_high": 1.0}}]
+    return {"adapter": "poster", "verdict": verdict, "reasons": [] if verdict == "PROMOTE" else [checks[0]["summary"]],
+            "notes": ["pad token vs EOS: pad_token == eos_token"], "endpoint": "http://x", "started_at": "now",
+            "checks": checks, "runs": runs, "timings": {"static": 1.0, "suite": 2.0, "total": 3.5},
+            "contract": {"train_seq_len": 512, "max_input_tokens": 600}, "files": {"html": "r.html"}}
+
+
+def test_junit_has_a_case_per_check_and_fails_the_verdict_on_reject() -> None:
+    root = ET.fromstring(rep.to_junit(_report()))
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert set(cases) == {"greedy.stop_rate", "static.pad_eos", "verdict"}
+    assert cases["greedy.stop_rate"].find("failure") is not None
+    assert cases["static.pad_eos"].find("failure") is None  # a warning does not fail
+    assert cases["verdict"].find("failure") is not None
+    ok = ET.fromstring(rep.to_junit(_report("PROMOTE")))
+    assert all(c.find("failure") is None for c in ok.iter("testcase") if c.get("name") != "static.pad_eos")
+
+
+def test_html_is_self_contained_with_an_svg_chart() -> None:
+    page = rep.to_html(_report())
+    assert "<svg" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "").replace("http://x", "")
+    assert "&lt;&amp; &quot;quoted&quot;&gt;" in page  # escaped
+    svg = page[page.index("<svg"): page.index("</svg>") + 6]
+    ET.fromstring(svg)  # well-formed
+    assert svg.count("<circle") == 2  # stop rate at two input lengths
+    index = rep.demo_index_html([_report(), {**_report("PROMOTE"), "adapter": "other"}], {"poster": "poster/report.html"})
+    assert 'href="poster/report.html"' in index and "REJECT" in index and "PROMOTE" in index
+
+
+def test_terminal_table_lists_checks_and_reasons() -> None:
+    table = rep.terminal_table(_report())
+    assert "FAIL greedy.stop_rate" in table and "0/35 = 0% [0%-10%]" in table
+    assert "WARN static.pad_eos" in table and "VERDICT poster: REJECT" in table and "  1. stop rate" in table
+
+
+def test_suite_plan_round_trips(tmp_path: Path) -> None:
+    spec = CheckSpec("greedy.stop_rate", "greedy", "stop_rate", "floor", 0.9, True)
+    plan = SuitePlan("http://x", (_plan({"greedy": 2}, [spec]),), concurrency=3)
+    again = SuitePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.check_ids == ["poster/greedy.stop_rate"]
