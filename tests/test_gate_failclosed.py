@@ -1,0 +1,238 @@
+"""The gate fails closed: every way it can fail to check an adapter is a REJECT or an error,
+never a PROMOTE, and never touches the promoted set.
+
+These tests run ``loragate gate`` against a scripted engine (:mod:`gate_fake_engine`) that
+serves the demo build's real files, so they are fast and can stop the suite at will; the
+verdicts on the real demo adapters are in ``test_gate_demo.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+import yaml
+
+from gate_fake_engine import FakeEngine
+from loragate.acceptance import gate as gate_mod
+from loragate.acceptance import report as rep
+from loragate.acceptance.gate import GateOptions, run_gate
+from loragate.contracts import load_contracts
+from loragate.demo.artifacts import current_build
+from loragate.errors import GateError
+
+
+@pytest.fixture(scope="module")
+def build(stack):
+    b = current_build()
+    assert b is not None
+    return b
+
+
+@pytest.fixture
+def fake(build) -> Iterator[FakeEngine]:
+    contracts = load_contracts(build.adapters_file)
+    engine = FakeEngine(contracts.base_model, build.base_dir, {c.name: c.path for c in contracts}).start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def promoted(tmp_path: Path) -> Path:
+    """A promoted folder holding an earlier promotion; tests assert it is left byte for byte."""
+    folder = tmp_path / "promoted"
+    folder.mkdir()
+    (folder / "promoted.json").write_text('{"version": 1, "adapters": {}}\n')
+    (folder / "values.yaml").write_text("adapters:\n  promoted: []\n")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def gate_cmd(endpoint: str, build, report_dir: Path, promoted: Path, *extra: str, adapter: str = "poster-good") -> list[str]:
+    return [sys.executable, "-m", "loragate.cli", "gate", "--endpoint", endpoint, "--adapter", adapter,
+            "--contracts", str(build.adapters_file), "--prompts", str(build.heldout_prompts),
+            "--report-dir", str(report_dir), "--promote", "--promoted-dir", str(promoted), *extra]
+
+
+def run_cli(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def report_of(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_a_well_behaved_adapter_promotes_and_the_gate_sends_only_what_it_should(fake, build, tmp_path, promoted) -> None:
+    proc = run_cli(gate_cmd(fake.url, build, tmp_path / "r", promoted))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "VERDICT poster-good: PROMOTE" in proc.stdout
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "PROMOTE" and report["reasons"] == []
+    assert report["engine"]["max_lora_rank_source"].startswith("the demo build's serve manifest")
+    assert set(report["timings"]) >= {"preflight", "static", "plan", "suite", "report", "promotion", "total"}
+    assert report["promotion"]["record"] and Path(report["promotion"]["record"]).is_file()
+    values = yaml.safe_load((promoted / "values.yaml").read_text())
+    assert [e["name"] for e in values["adapters"]["promoted"]] == ["poster-good"]
+    ET.parse(tmp_path / "r" / "junit.xml")
+    ET.parse(tmp_path / "r" / "suite.xml")  # pytest's own
+    # What was sent: the training template, the contract's budget, greedy and seeded sampling, nothing else.
+    assert fake.requests
+    for body in fake.requests:
+        assert set(body) <= {"model", "prompt", "max_tokens", "temperature", "seed"}, body
+        assert body["prompt"].startswith("### Paper:\n") and body["prompt"].endswith("\n### Layout:\n")
+        assert body["max_tokens"] == 160
+    temps = {body["temperature"] for body in fake.requests}
+    assert temps == {0.0, 0.2}
+    seeds = sorted(b["seed"] for b in fake.requests if b["temperature"] > 0)
+    assert seeds == list(range(seeds[0], seeds[0] + 35))
+
+
+def test_an_adapter_that_runs_away_is_rejected_and_the_promoted_set_untouched(fake, build, tmp_path, promoted) -> None:
+    fake.mode = "runaway"
+    before = snapshot(promoted)
+    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+                                  prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                                  promoted_dir=promoted), quiet=True)
+    assert result.exit_code == 1 and result.promotion is None
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "REJECT" and report["promotion"] is None
+    assert report["reasons"][0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
+    assert snapshot(promoted) == before
+
+
+def test_endpoint_down_is_a_reject(build, tmp_path, promoted) -> None:
+    before = snapshot(promoted)
+    proc = run_cli(gate_cmd(f"http://127.0.0.1:{free_port()}", build, tmp_path / "r", promoted))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "REJECT"
+    assert report["reasons"][0].startswith("endpoint: endpoint unreachable: GET http://127.0.0.1:")
+    assert snapshot(promoted) == before
+
+
+def test_a_report_folder_that_cannot_be_written_is_an_error(fake, build, tmp_path, promoted) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = snapshot(promoted)
+    proc = run_cli(gate_cmd(fake.url, build, blocker / "reports", promoted))
+    assert proc.returncode == 2
+    assert "is not writable" in proc.stderr
+    assert not fake.requests  # found out before anything was sent
+    assert snapshot(promoted) == before
+
+
+def _wait_for_suite(report_dir: Path, gate: subprocess.Popen, min_samples: int = 1) -> int:
+    """The pytest child's pid, once it has judged ``min_samples`` completions."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert gate.poll() is None, gate.communicate()
+        samples = report_dir / "samples.jsonl"
+        pid_file = report_dir / "suite.pid"
+        if pid_file.exists() and samples.exists() and len(samples.read_text().splitlines()) >= min_samples:
+            return int(pid_file.read_text())
+        time.sleep(0.1)
+    raise AssertionError("the suite never started")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_suite_is_a_reject_and_promotes_nothing(fake, build, tmp_path, promoted, sig) -> None:
+    fake.mode, fake.delay_s = "slow", 1.0
+    before = snapshot(promoted)
+    gate = subprocess.Popen(gate_cmd(fake.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    child = _wait_for_suite(tmp_path / "r", gate)
+    gate.send_signal(sig)
+    out, err = gate.communicate(timeout=60)
+    assert gate.returncode == 130, out + err
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "REJECT" and report["interrupted"]
+    assert any("interrupted during suite" in r for r in report["reasons"])
+    assert any(r.startswith("suite completed: no; the gate was interrupted") for r in report["reasons"])
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert snapshot(promoted) == before
+
+
+def test_a_killed_suite_child_is_a_reject(fake, build, tmp_path, promoted) -> None:
+    fake.mode, fake.delay_s = "slow", 1.0
+    before = snapshot(promoted)
+    gate = subprocess.Popen(gate_cmd(fake.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    child = _wait_for_suite(tmp_path / "r", gate, min_samples=8)
+    os.kill(child, signal.SIGKILL)
+    out, err = gate.communicate(timeout=60)
+    assert gate.returncode == 1, out + err
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "REJECT" and not report["interrupted"]
+    complete = next(c for c in report["checks"] if c["id"] == "suite.complete")
+    assert not complete["passed"] and "killed by signal 9" in complete["summary"]
+    assert complete["measured"]["reported"] < complete["measured"]["planned"]
+    assert report["runs"] and sum(r["n"] for r in report["runs"]) >= 8  # what was measured is reported
+    assert snapshot(promoted) == before
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_an_adapter_the_engine_does_not_serve_is_rejected_without_a_request(fake, build, tmp_path, promoted) -> None:
+    fake.adapters = {}
+    before = snapshot(promoted)
+    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+                                  prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                                  promoted_dir=promoted), quiet=True)
+    assert result.verdict == "REJECT" and result.exit_code == 1
+    assert "does not serve adapter 'poster-good'" in result.reasons[0]
+    assert any(r.startswith("suite completed: not run") for r in result.reasons)
+    assert not fake.requests
+    assert snapshot(promoted) == before
+
+
+def test_a_report_that_cannot_be_written_at_the_end_promotes_nothing(fake, build, tmp_path, promoted, monkeypatch) -> None:
+    before = snapshot(promoted)
+    real = rep.write_file
+
+    def failing(path: Path, text: str) -> None:
+        if path.name == "report.html":
+            raise rep.ReportError(f"cannot write the report {path}: No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(rep, "write_file", failing)
+    with pytest.raises(rep.ReportError, match="No space left"):
+        run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+                             prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                             promoted_dir=promoted), quiet=True)
+    assert fake.requests  # the adapter was fully checked (and would have passed) ...
+    assert snapshot(promoted) == before  # ... but nothing was promoted
+
+
+def test_load_without_the_load_test_is_an_error(fake, build, tmp_path, monkeypatch) -> None:
+    real = gate_mod.importlib.util.find_spec
+    monkeypatch.setattr(gate_mod.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "loragate.loadtest.runner" else real(name, *a))
+    with pytest.raises(GateError, match="--load needs the load test"):
+        run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+                             prompts=build.heldout_prompts, report_dir=tmp_path / "r", load=True), quiet=True)
+    assert not fake.requests
