@@ -163,6 +163,10 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _print_verdicts(result: Any) -> None:
+    render = getattr(result, "render", None)
+    if callable(render):  # loragate.acceptance.gate.DemoResults: verdicts, reasons, report paths
+        print(render())
+        return
     items = result.items() if isinstance(result, Mapping) else enumerate(result or ())
     for key, verdict in items:
         label = getattr(verdict, "verdict", None) or getattr(verdict, "decision", None) or verdict
@@ -192,9 +196,11 @@ def _demo(args: argparse.Namespace) -> int:
         else:
             print(f"loragate demo: using the running stack at {info.openai_base_url}", file=sys.stderr)
         try:
-            _print_verdicts(gate_all_demo(info))
+            results = gate_all_demo(info)
+            _print_verdicts(results)
         finally:
             if started:
                 st.stop_stack()
                 print("loragate demo: stack stopped", file=sys.stderr)
-    return 0
+    # Non-zero when a demo adapter did not get its expected verdict (the gate did not do its job).
+    return 0 if getattr(results, "ok", True) else 1

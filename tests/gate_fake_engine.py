@@ -7,7 +7,9 @@ folders, so the static checks read real weights) and answers completions as told
 - ``mode="runaway"``: the same layout followed by more text, ``finish_reason: length`` at ``max_tokens``;
 - ``mode="slow"``: like ``good`` after ``delay_s`` seconds (so a test can interrupt the suite).
 
-Every request body is recorded in ``requests`` so tests can assert what the gate sent.
+Every completion request body is recorded in ``requests`` so tests can assert what the gate
+sent; runtime LoRA load/unload calls (vLLM's ``/v1/load_lora_adapter`` API) change the served
+adapters and are recorded in ``admin_calls``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class FakeEngine:
     mode: str = "good"
     delay_s: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    admin_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -86,6 +89,19 @@ class FakeEngine:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 if self.path == "/tokenize":
                     self._send(200, {"count": len(body["prompt"]) // 4 + 1, "max_model_len": engine.max_model_len})
+                elif self.path == "/v1/load_lora_adapter":
+                    engine.admin_calls.append(("load", body))
+                    if body["lora_name"] in engine.adapters:
+                        self._send(400, {"error": {"message": "already loaded"}})
+                    else:
+                        engine.adapters[body["lora_name"]] = Path(body["lora_path"])
+                        self._send(200, {"ok": True})
+                elif self.path == "/v1/unload_lora_adapter":
+                    engine.admin_calls.append(("unload", body))
+                    if engine.adapters.pop(body["lora_name"], None) is None:
+                        self._send(404, {"error": {"message": "not loaded"}})
+                    else:
+                        self._send(200, {"ok": True})
                 elif self.path == "/v1/completions":
                     engine.requests.append(body)
                     known = {engine.base_model, *engine.adapters}

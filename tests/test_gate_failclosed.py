@@ -236,3 +236,20 @@ def test_load_without_the_load_test_is_an_error(fake, build, tmp_path, monkeypat
         run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
                              prompts=build.heldout_prompts, report_dir=tmp_path / "r", load=True), quiet=True)
     assert not fake.requests
+
+
+@pytest.mark.parametrize("mode,verdict", [("good", "PROMOTE"), ("runaway", "REJECT")])
+def test_load_into_engine_keeps_a_promoted_candidate_and_unloads_a_rejected_one(fake, build, tmp_path, promoted,
+                                                                                 mode, verdict) -> None:
+    fake.adapters, fake.mode = {}, mode
+    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+                                  prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                                  promoted_dir=promoted, load_into_engine=True), quiet=True)
+    assert result.verdict == verdict
+    path = str(build.adapter_path("poster-good").resolve())
+    assert fake.admin_calls[0] == ("load", {"lora_name": "poster-good", "lora_path": path})
+    assert result.report["engine"]["loaded_by_gate"] is True
+    if verdict == "PROMOTE":
+        assert fake.adapters == {"poster-good": Path(path)} and len(fake.admin_calls) == 1
+    else:
+        assert fake.adapters == {} and fake.admin_calls[1] == ("unload", {"lora_name": "poster-good"})
