@@ -34,8 +34,9 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
                    help="long inputs JSONL for the long-context probes (demo papers are lengthened without it)")
     p.add_argument("--report-dir", type=Path,
                    help="folder for report.json, junit.xml, report.html (default: .loragate/reports/<time>-<adapter>)")
-    p.add_argument("--promote", action="store_true",
-                   help="on PROMOTE, write the promotion record and update the promoted set (values file for helm)")
+    p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=True,
+                   help="on PROMOTE, write the promotion record and update the promoted set (values file for helm); "
+                        "--no-promote only reports the verdict (default: promote)")
     p.add_argument("--promoted-dir", type=Path, help="promoted set folder (default: .loragate/promoted)")
     p.add_argument("--load-into-engine", action="store_true",
                    help="load the adapter through vLLM's runtime LoRA API when the engine does not serve it "

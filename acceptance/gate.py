@@ -9,7 +9,7 @@ its numbers, and writes the reports (:mod:`loragate.acceptance.report`). It fail
   fewer checks than were planned: REJECT with what was measured so far;
 - a report cannot be written: an error (non-zero exit) and no promotion.
 
-Only a PROMOTE verdict with ``promote=True`` touches the promoted set
+Only a PROMOTE verdict (with ``promote``, the default) touches the promoted set
 (:mod:`loragate.acceptance.promotion`), and only after every report file is written.
 
 Phases and their timings (``report.json`` ``timings``, seconds): ``preflight`` (engine model
@@ -71,7 +71,7 @@ class GateOptions:
     prompts: Path | None = None
     long_prompts: Path | None = None
     report_dir: Path | None = None
-    promote: bool = False
+    promote: bool = True
     promoted_dir: Path | None = None
     load: bool = False
     load_users: int = 4
@@ -665,7 +665,8 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
         timings["promotion"] = round(time.monotonic() - t, 2)
         report["promotion"] = promotion
         _write_reports(report, folder)  # the report now names the record (or the failure)
-    elif loaded_here and verdict != VERDICT_PROMOTE:
+    if loaded_here and not (promotion and promotion.get("record")):
+        # Loaded for this run only: an adapter that was not promoted is not left serving.
         _unload_quietly(options, endpoint, contract.name, admin_key, progress)
     return GateResult(adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, checks=checks,
                       timings=timings, report_dir=folder, report=report, exit_code=exit_code,
