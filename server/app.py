@@ -8,6 +8,11 @@ body); streamed answers are forwarded event by event as they arrive. ``/v1/compl
 Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
 ``/ready`` (readiness: the upstream's ``/health`` answers), ``/metrics`` (Prometheus).
 
+Access: with API keys configured, every other path needs one (``Authorization: Bearer``);
+the engine's adapter-loading endpoints (:data:`ADMIN_PATHS`) need the admin key, and a load
+whose adapter folder resolves outside the contracts' adapters directory is refused. Paths are
+checked and forwarded in their canonical form (:func:`canonical_path`).
+
 Counting rules (so counters are exact under concurrency): a choice is counted once, after
 its answer is complete (non-streamed) or its stream has ended with a ``finish_reason``;
 counters are updated in one synchronous step with no ``await`` in between. A client that
@@ -23,16 +28,17 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from loragate.contracts import ContractSet, load_contracts
+from loragate.contracts import ContractError, ContractSet, load_contracts, resolve_under
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
 from loragate.server.metrics import ProxyMetrics
+from loragate.server.sse import StreamTally
 from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("loragate.proxy")
@@ -43,7 +49,39 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 JUDGED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
-ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+#: Engine endpoints that change what it serves: only with the admin key. vLLM 0.32 loads LoRA
+#: adapters at run time through ``/v1/load_lora_adapter`` and also through the SageMaker-style
+#: ``POST /adapters`` / ``DELETE /adapters/{name}``; ``/scale_elastic_ep`` rescales the engine.
+ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/scale_elastic_ep"}
+ADMIN_PREFIXES = ("/adapters/",)
+#: Body field holding the folder to load an adapter from, per loading endpoint.
+ADAPTER_PATH_FIELDS = {"/v1/load_lora_adapter": "lora_path", "/adapters": "src"}
+
+
+def canonical_path(path: str) -> str:
+    """``path`` with empty and dot segments resolved (``/v1/./x``, ``/v1//x``, ``/a/../v1/x``).
+
+    The proxy checks and forwards this form only: the upstream client would normalise dot
+    segments itself, so checking the raw path would let ``/v1/./load_lora_adapter`` past the
+    admin check and still reach the engine's loading endpoint.
+    """
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    canonical = "/" + "/".join(segments)
+    return canonical + "/" if segments and path.endswith("/") else canonical
+
+
+def is_admin_path(path: str) -> bool:
+    """Whether the canonical ``path`` is an engine endpoint that needs the admin key."""
+    bare = path.rstrip("/") or "/"
+    return bare in ADMIN_PATHS or bare.startswith(ADMIN_PREFIXES)
 
 
 def openai_error(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> bytes:
@@ -57,12 +95,6 @@ class _BodyTooLarge(Exception):
 
 class _ClientGone(Exception):
     pass
-
-
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 @dataclass
@@ -191,15 +223,18 @@ class ProxyApp:
 
     # ------------------------------------------------------------------ the proxy
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
+        path = canonical_path(scope["path"])
+        scope = {**scope, "path": path}
+        admin = is_admin_path(path)
         endpoint = JUDGED_PATHS.get(path) or (
-            "admin" if path in ADMIN_PATHS else "models" if path.startswith("/v1/models") else "other")
-        if path in ADMIN_PATHS:
+            "admin" if admin else "models" if path.startswith("/v1/models") else "other")
+        if admin:
             if not self._admin_key or not self._authorised(scope, (self._admin_key,)):
                 await self._refuse(send, 403, "forbidden",
                                    "runtime adapter loading needs the admin key", endpoint)
                 return
-        elif self._api_keys and path.startswith("/v1/") and not self._authorised(scope, self._api_keys):
+        elif self._api_keys and not self._authorised(scope, self._api_keys):
+            # every engine path, not only /v1/: vLLM also generates on /invocations
             await self._refuse(send, 401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)", endpoint)
             return
         gauge = self.metrics.in_flight.labels(endpoint)
@@ -217,12 +252,44 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
+            if path in ADAPTER_PATH_FIELDS and scope["method"] == "POST":
+                checked = self._adapter_path_checked(body, ADAPTER_PATH_FIELDS[path])
+                if isinstance(checked, tuple):
+                    await self._refuse(send, checked[0], checked[1], checked[2], endpoint)
+                    return
+                body = checked
             if endpoint in ("completions", "chat_completions") and scope["method"] == "POST":
                 await self._judged(scope, receive, send, endpoint, body)
             else:
                 await self._forward_plain(scope, send, endpoint, body)
         finally:
             gauge.dec()
+
+    def _adapter_path_checked(self, body: bytes, key: str) -> bytes | tuple[int, str, str]:
+        """A load request's body with its adapter folder resolved inside the adapters directory,
+        or ``(status, reason, message)`` refusing it.
+
+        The folder may be relative to the adapters directory of the proxy's contracts or absolute;
+        symbolic links are followed. Anything that resolves outside that directory is refused
+        (403), as is every load when the proxy has no contracts to take the directory from.
+        """
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError):
+            return 400, "malformed_json", "request body is not valid JSON"
+        if not isinstance(request, dict):
+            return 400, "not_an_object", "request body must be a JSON object"
+        folder = request.get(key)
+        if not isinstance(folder, str) or not folder or "\x00" in folder:
+            return 400, "adapter_path", f"{key} must be a non-empty path"
+        if self._contracts is None:
+            return 403, "adapter_path", "the proxy has no contracts file, so no adapters directory to load from"
+        try:
+            resolved = resolve_under(self._contracts.adapters_dir, folder, key)
+        except ContractError:
+            return 403, "adapter_path", f"{key} must lie inside the adapters directory"
+        request[key] = str(resolved)
+        return json.dumps(request).encode()
 
     async def _send_upstream(self, scope: Scope, body: bytes) -> UpstreamResponse:
         path = scope["path"]
@@ -343,56 +410,27 @@ class ProxyApp:
                     return
 
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
-        choices: dict[int, _Choice] = {}
-        usage: dict = {}
-        buffer = b""
+        tally = StreamTally(strip_usage)
         model_seen = False
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
             async for chunk in resp.iter_chunks():
                 if gone.is_set():
                     raise _ClientGone
-                buffer += chunk
-                out = []
-                while True:
-                    cut = buffer.find(b"\n\n")
-                    if cut < 0:
-                        break
-                    event, buffer = buffer[: cut + 2], buffer[cut + 2:]
-                    keep = True
-                    if event.startswith(b"data: {"):
-                        try:
-                            data = json.loads(event[6:])
-                        except ValueError:
-                            data = None
-                        if isinstance(data, dict):
-                            if not model_seen and isinstance(data.get("model"), str):
-                                ex.adapter = self.names.label(data["model"])
-                                model_seen = True
-                            if data.get("usage"):
-                                usage = data["usage"]
-                                if strip_usage and not data.get("choices"):
-                                    keep = False
-                            for c in data.get("choices") or ():
-                                slot = choices.setdefault(c.get("index", 0), _Choice())
-                                piece = c.get("text")
-                                if piece is None:
-                                    piece = (c.get("delta") or {}).get("content")
-                                if piece:
-                                    slot.text.append(piece)
-                                    if ex.ttft_s is None:
-                                        ex.ttft_s = time.perf_counter() - ex.started
-                                if c.get("finish_reason") is not None:
-                                    slot.finish_reason = c["finish_reason"]
-                    if keep:
-                        out.append(event)
+                out = tally.feed(chunk)
+                if tally.model is not None and not model_seen:
+                    ex.adapter = self.names.label(tally.model)
+                    model_seen = True
+                if tally.has_output and ex.ttft_s is None:
+                    ex.ttft_s = time.perf_counter() - ex.started
                 if out:
                     try:
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
                     except OSError:
                         raise _ClientGone from None
-            if buffer:
-                await send({"type": "http.response.body", "body": buffer, "more_body": True})
+            rest = tally.rest()
+            if rest:
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
             if gone.is_set():
                 raise _ClientGone
         except _ClientGone:
@@ -418,10 +456,10 @@ class ProxyApp:
         except OSError:
             pass
         self.metrics.requests.labels(ex.endpoint, "2xx").inc()
-        if not choices or any(c.finish_reason is None for c in choices.values()):
+        if not tally.complete:
             self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
             return
-        self._count(ex, [("".join(c.text), c.finish_reason) for _, c in sorted(choices.items())], usage)
+        self._count(ex, tally.outputs(), tally.usage)
         if ex.ttft_s is not None:
             self.metrics.ttft.labels(ex.adapter).observe(ex.ttft_s)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)

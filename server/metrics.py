@@ -31,7 +31,7 @@ UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "stream_broken", "in
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
-    "unauthorized", "forbidden", "slow_body",
+    "unauthorized", "forbidden", "slow_body", "adapter_path",
 )
 
 #: Seconds; from tens of milliseconds (a GPU's first token) to minutes (a CPU's long answer).

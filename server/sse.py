@@ -1,0 +1,106 @@
+"""Reading a streamed completion as it passes through: the proxy's streaming judge's input side.
+
+vLLM streams ``/v1/completions`` and ``/v1/chat/completions`` answers as server-sent events,
+one ``data: {json}\\n\\n`` event per chunk, ending with ``data: [DONE]\\n\\n``. The network may
+cut those bytes anywhere (inside an event, inside a UTF-8 character, between ``\\n`` and
+``\\n``). :class:`StreamTally` takes the bytes as they come, forwards whole events only, and
+collects per choice the text and ``finish_reason`` that
+:func:`~loragate.server.judging.judge_completion` later judges, plus the model name and the
+engine's usage report. How the bytes were cut never changes what it collects or forwards
+(``tests/test_fuzz.py`` checks that on a real recorded vLLM stream).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+#: The end of one server-sent event.
+EVENT_END = b"\n\n"
+
+
+@dataclass
+class ChoiceText:
+    """One choice of a streamed answer, as far as it has come."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class StreamTally:
+    """Collects a streamed answer's choices; see the module docstring.
+
+    ``strip_usage``: drop the usage-only event (the proxy asked the engine for usage on the
+    client's behalf, so the client, which did not ask, must not see it).
+    """
+
+    def __init__(self, strip_usage: bool = False) -> None:
+        self.strip_usage = strip_usage
+        self.choices: dict[int, ChoiceText] = {}
+        self.usage: dict = {}
+        #: The first ``model`` field seen, or ``None``.
+        self.model: str | None = None
+        #: Whether any choice has produced text yet (the first token has arrived).
+        self.has_output = False
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next bytes; returns the whole events among them to forward (maybe ``b""``)."""
+        self._buffer += chunk
+        out = []
+        while True:
+            cut = self._buffer.find(EVENT_END)
+            if cut < 0:
+                break
+            event, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2:]
+            if self._read(event):
+                out.append(event)
+        return b"".join(out)
+
+    def rest(self) -> bytes:
+        """Bytes after the last whole event (forwarded unread when the stream ends)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    @property
+    def complete(self) -> bool:
+        """Every choice seen has a ``finish_reason`` (and at least one was seen)."""
+        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values())
+
+    def outputs(self) -> list[tuple[str, str | None]]:
+        """``(text, finish_reason)`` per choice, by index."""
+        return [("".join(c.text), c.finish_reason) for _, c in sorted(self.choices.items())]
+
+    def _read(self, event: bytes) -> bool:
+        """Read one event; returns whether to forward it."""
+        if not event.startswith(b"data: {"):
+            return True
+        try:
+            data = json.loads(event[6:])
+        except ValueError:
+            return True
+        if not isinstance(data, dict):
+            return True
+        keep = True
+        if self.model is None and isinstance(data.get("model"), str):
+            self.model = data["model"]
+        if data.get("usage"):
+            self.usage = data["usage"]
+            if self.strip_usage and not data.get("choices"):
+                keep = False
+        choices = data.get("choices")
+        for c in choices if isinstance(choices, list) else ():
+            if not isinstance(c, dict):
+                continue
+            index = c.get("index", 0)
+            slot = self.choices.setdefault(index if isinstance(index, int) else 0, ChoiceText())
+            piece = c.get("text")
+            if piece is None:
+                delta = c.get("delta")
+                piece = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(piece, str) and piece:
+                slot.text.append(piece)
+                self.has_output = True
+            if c.get("finish_reason") is not None:
+                slot.finish_reason = c["finish_reason"]
+        return keep
