@@ -414,6 +414,20 @@ def _suite_completeness(plan: SuitePlan, run: SuiteRun) -> CheckResult:
                        measured={"planned": len(planned), "reported": len(got), "returncode": code})
 
 
+def _engine_answers(samples: Sequence[Any]) -> CheckResult:
+    """Every request the suite sent got a completion. Failed requests already fail every rate
+    check (fail closed); this check names the engine, not the adapter, as their cause."""
+    failed = [s for s in samples if s.error is not None]
+    measured = {"requests": len(samples), "failed": len(failed)}
+    if not failed:
+        return CheckResult(id="suite.engine_answers", phase="suite", name="engine answered", passed=True,
+                           gating=True, summary=f"engine answered: all {len(samples)} requests", measured=measured)
+    return CheckResult(id="suite.engine_answers", phase="suite", name="engine answered", passed=False, gating=True,
+                       summary=f"engine answered: {len(samples) - len(failed)}/{len(samples)} requests; "
+                               f"{len(failed)} failed (first: {failed[0].error}); the rates below count them as "
+                               "failures, so they say nothing yet about the adapter", measured=measured)
+
+
 # --------------------------------------------------------------------------- verdict
 
 
@@ -578,7 +592,9 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
                     checks.append(_suite_completeness(suite_plan, suite))
                     from loragate.acceptance.runner import read_samples
 
-                    samples = group_samples(read_samples(folder / "samples.jsonl")).get(contract.name, {})
+                    answered = read_samples(folder / "samples.jsonl")
+                    checks.append(_engine_answers(answered))
+                    samples = group_samples(answered).get(contract.name, {})
                     runs = [run_summary(r, samples.get(r.id, []), contract.expects_json) for r in plan.runs]
                     end_phase("suite")
                     if suite.interrupted:

@@ -246,27 +246,35 @@ def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> d
 
 
 def bench_verdict(adapter: str) -> dict:
-    """Benchmark 3: wall time of a full gate run for one demo adapter, by phase."""
+    """Benchmark 3: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
+
+    The gate runs as a user runs it (a fresh ``loragate gate`` process, through the stack's
+    proxy) with ``--no-promote``, so benchmarking never changes the promoted set. ``wall_s``
+    includes the process's start-up and imports; ``phases_s`` are the gate's own timings from
+    its ``report.json``.
+    """
     from loragate.stack import running_stack
 
     info = running_stack()
     if info is None:
         raise LoragateError("the verdict benchmark needs the local stack: run `loragate up` first")
     report_dir = Path(tempfile.mkdtemp(prefix="loragate-bench-gate-"))
+    print(f"[bench verdict] loragate gate --adapter {adapter} (reports in {report_dir}) ...", file=sys.stderr,
+          flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "gate", "--endpoint", info.proxy_url, "--adapter", adapter,
-         "--contracts", str(info.contracts_file), "--report-dir", str(report_dir)],
+         "--contracts", str(info.contracts_file), "--report-dir", str(report_dir), "--no-promote"],
         capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    reports = sorted(report_dir.rglob("*.json"))
-    phases = {}
-    for path in reports:
-        try:
-            phases = json.loads(path.read_text()).get("timings", {}) or phases
-        except (ValueError, OSError):
-            continue
-    return {"adapter": adapter, "wall_s": wall, "exit_code": proc.returncode, "phases_s": phases}
+    try:
+        report = json.loads((report_dir / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LoragateError(f"the gate wrote no readable report.json in {report_dir} (exit {proc.returncode}): "
+                            f"{exc}\n{proc.stderr[-2000:]}") from exc
+    return {"adapter": adapter, "wall_s": wall, "exit_code": proc.returncode, "verdict": report.get("verdict"),
+            "requests": sum(r.get("n", 0) for r in report.get("runs", [])),
+            "phases_s": report.get("timings", {}), "report_dir": str(report_dir)}
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -295,7 +303,8 @@ def print_tables(result: dict) -> None:
         r = result["verdict"]
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["phases_s"].items() if isinstance(v, (int, float)))
         print(f"\nTime to verdict ({r['adapter']}): {r['wall_s']:.1f}s (target < {TARGET_VERDICT_S:.0f}s), "
-              f"exit {r['exit_code']}; phases: {phases or 'not reported'}")
+              f"verdict {r['verdict']} (exit {r['exit_code']}), {r['requests']} completions; "
+              f"phases: {phases or 'not reported'}")
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:

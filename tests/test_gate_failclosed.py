@@ -1,9 +1,10 @@
 """The gate fails closed: every way it can fail to check an adapter is a REJECT or an error,
 never a PROMOTE, and never touches the promoted set.
 
-These tests run ``loragate gate`` against a scripted engine (:mod:`gate_fake_engine`) that
-serves the demo build's real files, so they are fast and can stop the suite at will; the
-verdicts on the real demo adapters are in ``test_gate_demo.py``.
+These tests run ``loragate gate`` against the stack's real vLLM through a recording relay
+(:mod:`relay`): the relay shows what the gate sent and can make the real engine slow, so a test
+can stop the suite at will. The verdicts on each demo adapter through the proxy are in
+``test_gate_demo.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import psutil
 import pytest
 import yaml
 
-from gate_fake_engine import FakeEngine
+from loragate.acceptance import engine as eng
 from loragate.acceptance import gate as gate_mod
 from loragate.acceptance import report as rep
 from loragate.acceptance.gate import GateOptions, run_gate
-from loragate.contracts import load_contracts
 from loragate.demo.artifacts import current_build
 from loragate.errors import GateError
+from relay import Relay
+
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,35 @@ def build(stack):
 
 
 @pytest.fixture
-def fake(build) -> Iterator[FakeEngine]:
-    contracts = load_contracts(build.adapters_file)
-    engine = FakeEngine(contracts.base_model, build.base_dir, {c.name: c.path for c in contracts}).start()
+def relay(stack) -> Iterator[Relay]:
+    """A recording relay in front of the stack's real vLLM (not the proxy: the gate's runtime
+    LoRA calls go straight to the engine, as with ``--engine-url``)."""
+    r = Relay(stack.vllm_url).start()
     try:
-        yield engine
+        yield r
     finally:
-        engine.stop()
+        r.stop()
+
+
+@pytest.fixture
+def candidates(stack, tmp_path: Path) -> Iterator[Path]:
+    """A contracts file with two candidates the engine does not serve yet: ``cand-good`` (the
+    poster-good weights) and ``cand-runaway`` (the poster-eos-masked weights). Whatever a test
+    leaves loaded is unloaded afterwards, so the shared engine is as it was."""
+    contracts = yaml.safe_load(Path(stack.contracts_file).read_text())
+    contracts["adapters_dir"] = str(Path(stack.contracts_file).parent)
+    contracts["adapters"]["cand-good"] = dict(contracts["adapters"]["poster-good"])
+    contracts["adapters"]["cand-runaway"] = dict(contracts["adapters"]["poster-eos-masked"])
+    path = tmp_path / "candidates.yaml"
+    path.write_text(yaml.safe_dump(contracts))
+    vllm = eng.normalize_endpoint(stack.vllm_url)
+    try:
+        yield path
+    finally:
+        served = eng.fetch_models(vllm)
+        for name in ("cand-good", "cand-runaway"):
+            if served.get(name) is not None:
+                eng.unload_adapter(vllm, name)
 
 
 @pytest.fixture
@@ -63,9 +88,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def gate_cmd(endpoint: str, build, report_dir: Path, promoted: Path, *extra: str, adapter: str = "poster-good") -> list[str]:
+def gate_cmd(endpoint: str, build, report_dir: Path, promoted: Path, *extra: str, adapter: str = "poster-good",
+             contracts: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "loragate.cli", "gate", "--endpoint", endpoint, "--adapter", adapter,
-            "--contracts", str(build.adapters_file), "--prompts", str(build.heldout_prompts),
+            "--contracts", str(contracts or build.adapters_file), "--prompts", str(build.heldout_prompts),
             "--report-dir", str(report_dir), "--promote", "--promoted-dir", str(promoted), *extra]
 
 
@@ -86,42 +112,41 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- through the CLI
 
 
-def test_a_well_behaved_adapter_promotes_and_the_gate_sends_only_what_it_should(fake, build, tmp_path, promoted) -> None:
-    proc = run_cli(gate_cmd(fake.url, build, tmp_path / "r", promoted))
+def test_a_candidate_loaded_at_runtime_promotes_stays_loaded_and_the_gate_sends_only_what_it_should(
+        stack, relay, build, candidates, tmp_path, promoted) -> None:
+    rank = build.manifest()["serve"]["max_lora_rank"]  # the contracts copy is not the demo build's own
+    proc = run_cli(gate_cmd(relay.url, build, tmp_path / "r", promoted, "--load-into-engine",
+                            "--max-lora-rank", str(rank), adapter="cand-good", contracts=candidates))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "VERDICT poster-good: PROMOTE" in proc.stdout
+    assert "VERDICT cand-good: PROMOTE" in proc.stdout
     report = report_of(tmp_path / "r")
     assert report["verdict"] == "PROMOTE" and report["reasons"] == []
-    assert report["engine"]["max_lora_rank_source"].startswith("the demo build's serve manifest")
+    assert report["engine"]["max_lora_rank_source"] == "--max-lora-rank"
+    assert report["engine"]["loaded_by_gate"] is True
     assert set(report["timings"]) >= {"preflight", "static", "plan", "suite", "report", "promotion", "total"}
     assert report["promotion"]["record"] and Path(report["promotion"]["record"]).is_file()
     values = yaml.safe_load((promoted / "values.yaml").read_text())
-    assert [e["name"] for e in values["adapters"]["promoted"]] == ["poster-good"]
+    assert [e["name"] for e in values["adapters"]["promoted"]] == ["cand-good"]
     ET.parse(tmp_path / "r" / "junit.xml")
     ET.parse(tmp_path / "r" / "suite.xml")  # pytest's own
+    # Loaded through vLLM's runtime API with the contract's folder, and kept: it was promoted.
+    path = str(build.adapter_path("poster-good").resolve())
+    assert [c.body for c in relay.calls("/v1/load_lora_adapter")] == [{"lora_name": "cand-good", "lora_path": path}]
+    assert not relay.calls("/v1/unload_lora_adapter")
+    assert eng.fetch_models(eng.normalize_endpoint(stack.vllm_url)).get("cand-good") is not None
     # What was sent: the training template, the contract's budget, greedy and seeded sampling, nothing else.
-    assert fake.requests
-    for body in fake.requests:
+    bodies = relay.completion_bodies()
+    # The candidate, and the baseline it is compared with (the base model: nothing promoted before).
+    assert report["baseline"]["model"] == stack.base_model
+    assert {b["model"] for b in bodies} == {"cand-good", stack.base_model}
+    for body in bodies:
         assert set(body) <= {"model", "prompt", "max_tokens", "temperature", "seed"}, body
         assert body["prompt"].startswith("### Paper:\n") and body["prompt"].endswith("\n### Layout:\n")
         assert body["max_tokens"] == 160
-    temps = {body["temperature"] for body in fake.requests}
+    temps = {body["temperature"] for body in bodies}
     assert temps == {0.0, 0.2}
-    seeds = sorted(b["seed"] for b in fake.requests if b["temperature"] > 0)
+    seeds = sorted(b["seed"] for b in bodies if b["temperature"] > 0)
     assert seeds == list(range(seeds[0], seeds[0] + 35))
-
-
-def test_an_adapter_that_runs_away_is_rejected_and_the_promoted_set_untouched(fake, build, tmp_path, promoted) -> None:
-    fake.mode = "runaway"
-    before = snapshot(promoted)
-    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
-                                  prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                                  promoted_dir=promoted), quiet=True)
-    assert result.exit_code == 1 and result.promotion is None
-    report = report_of(tmp_path / "r")
-    assert report["verdict"] == "REJECT" and report["promotion"] is None
-    assert report["reasons"][0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
-    assert snapshot(promoted) == before
 
 
 def test_endpoint_down_is_a_reject(build, tmp_path, promoted) -> None:
@@ -134,14 +159,33 @@ def test_endpoint_down_is_a_reject(build, tmp_path, promoted) -> None:
     assert snapshot(promoted) == before
 
 
-def test_a_report_folder_that_cannot_be_written_is_an_error(fake, build, tmp_path, promoted) -> None:
+def test_an_engine_that_stops_answering_mid_suite_is_a_reject(relay, build, tmp_path, promoted) -> None:
+    relay.delay_s = 0.5
+    before = snapshot(promoted)
+    gate = subprocess.Popen(gate_cmd(relay.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_suite(tmp_path / "r", gate, min_samples=4)
+    relay.refuse()
+    out, err = gate.communicate(timeout=240)
+    assert gate.returncode == 1, out + err
+    report = report_of(tmp_path / "r")
+    assert report["verdict"] == "REJECT" and report["promotion"] is None
+    # The engine is named as the cause, first; the rates count the failed requests as failures.
+    assert report["reasons"][0].startswith("engine answered: "), report["reasons"]
+    assert "failed (first: " in report["reasons"][0]
+    answered = next(c for c in report["checks"] if c["id"] == "suite.engine_answers")
+    assert answered["measured"]["failed"] > 0 and answered["measured"]["requests"] > answered["measured"]["failed"]
+    assert snapshot(promoted) == before
+
+
+def test_a_report_folder_that_cannot_be_written_is_an_error(relay, build, tmp_path, promoted) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     before = snapshot(promoted)
-    proc = run_cli(gate_cmd(fake.url, build, blocker / "reports", promoted))
+    proc = run_cli(gate_cmd(relay.url, build, blocker / "reports", promoted))
     assert proc.returncode == 2
     assert "is not writable" in proc.stderr
-    assert not fake.requests  # found out before anything was sent
+    assert not relay.requests  # found out before anything was sent
     assert snapshot(promoted) == before
 
 
@@ -159,10 +203,10 @@ def _wait_for_suite(report_dir: Path, gate: subprocess.Popen, min_samples: int =
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_an_interrupted_suite_is_a_reject_and_promotes_nothing(fake, build, tmp_path, promoted, sig) -> None:
-    fake.mode, fake.delay_s = "slow", 1.0
+def test_an_interrupted_suite_is_a_reject_and_promotes_nothing(relay, build, tmp_path, promoted, sig) -> None:
+    relay.delay_s = 1.0
     before = snapshot(promoted)
-    gate = subprocess.Popen(gate_cmd(fake.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
+    gate = subprocess.Popen(gate_cmd(relay.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     child = _wait_for_suite(tmp_path / "r", gate)
     gate.send_signal(sig)
@@ -176,10 +220,10 @@ def test_an_interrupted_suite_is_a_reject_and_promotes_nothing(fake, build, tmp_
     assert snapshot(promoted) == before
 
 
-def test_a_killed_suite_child_is_a_reject(fake, build, tmp_path, promoted) -> None:
-    fake.mode, fake.delay_s = "slow", 1.0
+def test_a_killed_suite_child_is_a_reject(relay, build, tmp_path, promoted) -> None:
+    relay.delay_s = 0.5
     before = snapshot(promoted)
-    gate = subprocess.Popen(gate_cmd(fake.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
+    gate = subprocess.Popen(gate_cmd(relay.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     child = _wait_for_suite(tmp_path / "r", gate, min_samples=8)
     os.kill(child, signal.SIGKILL)
@@ -197,20 +241,21 @@ def test_a_killed_suite_child_is_a_reject(fake, build, tmp_path, promoted) -> No
 # --------------------------------------------------------------------------- in process
 
 
-def test_an_adapter_the_engine_does_not_serve_is_rejected_without_a_request(fake, build, tmp_path, promoted) -> None:
-    fake.adapters = {}
+def test_an_adapter_the_engine_does_not_serve_is_rejected_without_a_request(relay, build, candidates, tmp_path,
+                                                                             promoted) -> None:
     before = snapshot(promoted)
-    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+    result = run_gate(GateOptions(endpoint=relay.url, adapter="cand-good", contracts=candidates,
                                   prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
                                   promoted_dir=promoted), quiet=True)
     assert result.verdict == "REJECT" and result.exit_code == 1
-    assert "does not serve adapter 'poster-good'" in result.reasons[0]
+    assert "does not serve adapter 'cand-good'" in result.reasons[0]
     assert any(r.startswith("suite completed: not run") for r in result.reasons)
-    assert not fake.requests
+    assert not relay.completion_bodies()
     assert snapshot(promoted) == before
 
 
-def test_a_report_that_cannot_be_written_at_the_end_promotes_nothing(fake, build, tmp_path, promoted, monkeypatch) -> None:
+def test_a_report_that_cannot_be_written_at_the_end_promotes_nothing(relay, build, tmp_path, promoted,
+                                                                     monkeypatch) -> None:
     before = snapshot(promoted)
     real = rep.write_file
 
@@ -221,35 +266,35 @@ def test_a_report_that_cannot_be_written_at_the_end_promotes_nothing(fake, build
 
     monkeypatch.setattr(rep, "write_file", failing)
     with pytest.raises(rep.ReportError, match="No space left"):
-        run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+        run_gate(GateOptions(endpoint=relay.url, adapter="poster-good", contracts=build.adapters_file,
                              prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
                              promoted_dir=promoted), quiet=True)
-    assert fake.requests  # the adapter was fully checked (and would have passed) ...
+    assert len(relay.completion_bodies()) > 100  # the adapter was fully checked (and would have passed) ...
     assert snapshot(promoted) == before  # ... but nothing was promoted
 
 
-def test_load_without_the_load_test_is_an_error(fake, build, tmp_path, monkeypatch) -> None:
+def test_load_without_the_load_test_is_an_error(relay, build, tmp_path, monkeypatch) -> None:
     real = gate_mod.importlib.util.find_spec
     monkeypatch.setattr(gate_mod.importlib.util, "find_spec",
                         lambda name, *a: None if name == "loragate.loadtest.runner" else real(name, *a))
     with pytest.raises(GateError, match="--load needs the load test"):
-        run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+        run_gate(GateOptions(endpoint=relay.url, adapter="poster-good", contracts=build.adapters_file,
                              prompts=build.heldout_prompts, report_dir=tmp_path / "r", load=True), quiet=True)
-    assert not fake.requests
+    assert not relay.requests
 
 
-@pytest.mark.parametrize("mode,verdict", [("good", "PROMOTE"), ("runaway", "REJECT")])
-def test_load_into_engine_keeps_a_promoted_candidate_and_unloads_a_rejected_one(fake, build, tmp_path, promoted,
-                                                                                 mode, verdict) -> None:
-    fake.adapters, fake.mode = {}, mode
-    result = run_gate(GateOptions(endpoint=fake.url, adapter="poster-good", contracts=build.adapters_file,
+def test_a_rejected_candidate_loaded_at_runtime_is_unloaded(stack, relay, build, candidates, tmp_path,
+                                                            promoted) -> None:
+    before = snapshot(promoted)
+    result = run_gate(GateOptions(endpoint=relay.url, adapter="cand-runaway", contracts=candidates,
                                   prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                                  promoted_dir=promoted, load_into_engine=True), quiet=True)
-    assert result.verdict == verdict
-    path = str(build.adapter_path("poster-good").resolve())
-    assert fake.admin_calls[0] == ("load", {"lora_name": "poster-good", "lora_path": path})
+                                  promoted_dir=promoted, load_into_engine=True,
+                                  max_lora_rank=build.manifest()["serve"]["max_lora_rank"]), quiet=True)
+    assert result.verdict == "REJECT" and result.promotion is None
+    assert result.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
     assert result.report["engine"]["loaded_by_gate"] is True
-    if verdict == "PROMOTE":
-        assert fake.adapters == {"poster-good": Path(path)} and len(fake.admin_calls) == 1
-    else:
-        assert fake.adapters == {} and fake.admin_calls[1] == ("unload", {"lora_name": "poster-good"})
+    path = str(build.adapter_path("poster-eos-masked").resolve())
+    assert [c.body for c in relay.calls("/v1/load_lora_adapter")] == [{"lora_name": "cand-runaway", "lora_path": path}]
+    assert [c.body for c in relay.calls("/v1/unload_lora_adapter")] == [{"lora_name": "cand-runaway"}]
+    assert eng.fetch_models(eng.normalize_endpoint(stack.vllm_url)).get("cand-runaway") is None
+    assert snapshot(promoted) == before
