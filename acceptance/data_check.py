@@ -19,7 +19,6 @@ Counts reported:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from loragate.errors import LoragateError
+from loragate.jsonl import read_objects
 
 
 class DataCheckError(LoragateError):
@@ -121,22 +121,8 @@ def read_examples(path: str | os.PathLike[str], prompt_field: str = "prompt",
                   completion_field: str = "completion") -> list[tuple[int, str, str]]:
     """``(line number, prompt, completion)`` of every non-blank line of a JSONL file."""
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataCheckError(f"data file not found: {source}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataCheckError(f"cannot read data file {source}: {exc}") from None
     rows: list[tuple[int, str, str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise DataCheckError(f"{source}:{number}: not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise DataCheckError(f"{source}:{number}: expected a JSON object")
+    for number, record in read_objects(source, what="data file", error=DataCheckError):
         values = []
         for name in (prompt_field, completion_field):
             value = record.get(name)

@@ -17,7 +17,6 @@ Lengths are measured with the engine's own tokenizer (``/tokenize``), so a probe
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -27,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from loragate.contracts import PROMPT_INPUT_FIELD, Contract
 from loragate.errors import GateError
+from loragate.jsonl import read_objects
 
 
 class PromptsError(GateError):
@@ -50,23 +50,10 @@ def _template_parts(template: str) -> tuple[str, str]:
 def read_prompts(path: str | os.PathLike[str], contract: Contract) -> list[PromptRecord]:
     """Every example of a prompts JSONL, rendered in ``contract``'s template."""
     source = Path(path)
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PromptsError(f"prompts file not found: {source}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptsError(f"cannot read prompts file {source}: {exc}") from None
     before, after = _template_parts(contract.prompt_template)
     records: list[PromptRecord] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise PromptsError(f"{source}:{number}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise PromptsError(f"{source}:{number}: expected a JSON object with 'input' or 'prompt'")
+    for number, data in read_objects(source, what="prompts file", error=PromptsError,
+                                     expected="a JSON object with 'input' or 'prompt'"):
         text = data.get("input")
         if isinstance(text, str):
             records.append(PromptRecord(contract.render_prompt(text), text, data.get("expected")))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from loragate.contracts import Contract
 from loragate.errors import LoragateError
+from loragate.jsonl import read_objects
 
 #: The completion endpoint the load test streams, relative to the server's root.
 COMPLETIONS_PATH = "/v1/completions"
@@ -34,22 +35,9 @@ class LoadTestError(LoragateError):
 def load_prompts(path: str | os.PathLike[str], contract: Contract | None = None) -> list[str]:
     """The prompts of a JSONL file (see the module docstring), in file order."""
     source = Path(path)
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LoadTestError(f"prompts file not found: {source}") from None
-    except OSError as exc:
-        raise LoadTestError(f"cannot read prompts file {source}: {exc.strerror}") from None
     prompts: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise LoadTestError(f"{source}:{number}: not JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise LoadTestError(f"{source}:{number}: expected an object with 'input' or 'prompt'")
+    for number, row in read_objects(source, what="prompts file", error=LoadTestError,
+                                    expected="an object with 'input' or 'prompt'"):
         raw_input, prompt = row.get("input"), row.get("prompt")
         if contract is not None and isinstance(raw_input, str) and raw_input:
             prompts.append(contract.render_prompt(raw_input))

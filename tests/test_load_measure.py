@@ -150,7 +150,7 @@ def test_prompts_rendered_with_the_contract(tmp_path: Path) -> None:
     only_input.write_text('{"input": "x"}\n')
     with pytest.raises(LoadTestError, match="contract"):
         load_prompts(only_input)
-    for bad, why in (("[1]\n", "expected an object"), ("{\n", "not JSON"), ('{"prompt": ""}\n', "non-empty"),
+    for bad, why in (("[1]\n", "expected an object"), ("{\n", "not valid JSON"), ('{"prompt": ""}\n', "non-empty"),
                      ("\n", "no prompts")):
         f.write_text(bad)
         with pytest.raises(LoadTestError, match=why):
