@@ -143,3 +143,25 @@ def test_runtime_lora_api_loads_and_unloads_on_the_real_engine(stack, tmp_path: 
     finally:
         eng.unload_adapter(vllm, name)
     assert eng.fetch_models(vllm).get(name) is None
+
+
+def test_a_load_slo_breach_is_a_reject_naming_the_slo(stack, tmp_path: Path) -> None:
+    """``gate --load`` on an adapter that passes every output check: a load SLO it cannot meet
+    (TTFT p95 under 1 µs) turns the verdict into REJECT, with the SLO, the measured value and the
+    bar in the reasons; the proxy's counters still matched the load's completions."""
+    contracts = yaml.safe_load(Path(stack.contracts_file).read_text())
+    contracts["adapters_dir"] = str(Path(stack.contracts_file).parent)
+    contracts["defaults"] = {**(contracts.get("defaults") or {}), "slo": {"ttft_p95_ms": 0.001}}
+    strict = tmp_path / "adapters.yaml"
+    strict.write_text(yaml.safe_dump(contracts))
+    r = run_gate(GateOptions(endpoint=stack.proxy_url, adapter="poster-good", contracts=strict,
+                             prompts=stack.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                             promoted_dir=tmp_path / "promoted", load=True, load_users=2, load_spawn_rate=2,
+                             load_duration_s=4), quiet=True)
+    assert r.verdict == "REJECT" and r.exit_code == 1 and r.promotion is None
+    assert len(r.reasons) == 1, r.reasons  # every output check passed: the load SLO alone rejects it
+    assert r.reasons[0].startswith("load SLOs: TTFT p95") and "(ttft_p95_ms)" in r.reasons[0]
+    load = check(r, "load.slo")
+    assert load.gating and not load.passed
+    assert load.measured["counters"]["passed"] and load.measured["metrics"]["requests"] > 0
+    assert not (tmp_path / "promoted").exists()
