@@ -12,8 +12,10 @@ field                         environment variable            meaning (default)
 ``max_body_bytes``            ``LORAGATE_PROXY_MAX_BODY_BYTES`` request bodies above it get 413 (8 MiB)
 ``body_timeout_s``            ``LORAGATE_PROXY_BODY_TIMEOUT_S`` a body not received within it gets 408 (30)
 ``upstream_timeout_s``        ``LORAGATE_PROXY_UPSTREAM_TIMEOUT_S`` read timeout towards the engine (600)
-``api_keys``                  ``LORAGATE_PROXY_API_KEYS``     comma-separated client keys; empty: no auth
-``admin_key``                 ``LORAGATE_PROXY_ADMIN_KEY``    key for /v1/load_lora_adapter and unload; empty:
+``api_keys``                  ``LORAGATE_PROXY_API_KEYS``     comma-separated client keys, needed on every
+                                                              engine path; empty: no auth
+``admin_key``                 ``LORAGATE_PROXY_ADMIN_KEY``    key for the adapter endpoints (/v1/load_lora_adapter,
+                                                              unload, /adapters) and /scale_elastic_ep; empty:
                                                               those endpoints are refused
 ``public_metrics``            ``LORAGATE_PROXY_PUBLIC_METRICS`` /metrics without a key (true)
 ``log_requests``              ``LORAGATE_PROXY_LOG_REQUESTS`` one JSON log line per request (true)
