@@ -7,6 +7,8 @@ Properties held (hypothesis; example counts below, kept small for a 2-core CI):
   never dies; every non-200 answer is an OpenAI-style ``{"error": {"message": ...}}``; every
   200 is the engine's answer passed through; and the completion counter grows by exactly the
   choices that finished (nothing lost, nothing invented) while in-flight gauges return to 0;
+- any bytes, cut anywhere, pass through the stream reader unchanged and never make it raise;
+  judging is total (any text, any ``finish_reason``) and "JSON valid" means ``json.loads`` parses;
 - a real vLLM SSE stream cut at arbitrary byte boundaries (inside events, inside UTF-8
   characters, between the two newlines) gives :class:`loragate.server.sse.StreamTally` the same
   forwarded bytes, texts, finish reasons and usage, and so the same verdict of
@@ -211,6 +213,43 @@ def test_any_chunking_of_a_real_stream_gives_the_same_verdict(stack, recorded, d
     forwarded = [json.loads(e[6:]) for e in out_cut.split(b"\n\n") if e.startswith(b"data: {")]
     usage_only = [e for e in forwarded if e.get("usage") and not e.get("choices")]
     assert len(usage_only) == (0 if strip_usage else 1)
+
+
+sse_fragments = st.lists(st.sampled_from([
+    b"data: ", b"{", b"}", b'"choices": ', b'[{"index": 0, "text": "a", "finish_reason": null}]',
+    b'"choices": "x"', b'"index": "0"', b'"delta": {"content": "b"}', b'"delta": 5', b'"usage": {"x": 1}',
+    b'"model": 3', b'"finish_reason": "stop"', b"\n", b"\n\n", b"data: [DONE]\n\n", b"\xff\xfe", b": ping\n\n",
+    b",", b"[", b"]", b"null",
+]) | st.binary(max_size=8), max_size=40).map(b"".join)
+
+
+@fuzz(SPLIT_EXAMPLES)
+@given(raw=sse_fragments, cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_any_bytes_pass_through_the_stream_reader_unchanged(raw, cuts):
+    """Garbage, half-events, wrong types: the reader never raises and forwards every byte once."""
+    cuts = sorted({c for c in cuts if c <= len(raw)})
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+    out, tally = tally_of(pieces, strip_usage=False)
+    assert out == raw
+    for text, reason in tally.outputs():
+        judge_completion(text, reason, expects_json=True)
+
+
+@fuzz(SPLIT_EXAMPLES)
+@given(text=st.text(max_size=200) | json_values.map(json.dumps),
+       reason=st.none() | st.sampled_from(["stop", "length", "abort", ""]) | st.text(max_size=5),
+       prompt_tokens=st.none() | st.integers(0, 5000), completion_tokens=st.none() | st.integers(0, 5000))
+def test_judging_is_total_and_json_valid_means_it_parses(text, reason, prompt_tokens, completion_tokens):
+    j = judge_completion(text, reason, expects_json=True, prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens, max_model_len=4096)
+    try:
+        json.loads(text.strip())
+        parses = True
+    except ValueError:
+        parses = False
+    assert j.json_valid == parses
+    assert (j.length_cause is not None) == (reason == "length")
+    assert j.stopped == (reason == "stop")
 
 
 # --------------------------------------------------------------------------- schemathesis
