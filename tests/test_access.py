@@ -205,3 +205,27 @@ def test_keys_never_reach_the_logs(guarded):
     for key in (*KEYS, ADMIN, WRONG):
         assert key not in text
         assert key[7:] not in text  # nor the random part alone
+
+
+def test_keys_are_compared_in_constant_time_every_one(monkeypatch):
+    """Each presented key is compared with every configured key through hmac.compare_digest
+    (no ``==``, no early exit on the first match), so timing does not tell which key matched."""
+    import hmac
+
+    from loragate.server import app as proxy_app
+    from loragate.server.config import load_config
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(proxy_app.hmac, "compare_digest", counting)
+    app = proxy_app.ProxyApp(load_config(env={}, upstream="http://127.0.0.1:9", api_keys=",".join(KEYS)))
+    for presented, ok in ((KEYS[0], True), (KEYS[1], True), (WRONG, False)):
+        calls.clear()
+        scope = {"headers": [(b"authorization", f"Bearer {presented}".encode())]}
+        assert app._authorised(scope, app._api_keys) is ok
+        assert [b for _, b in calls] == [k.encode() for k in KEYS]
