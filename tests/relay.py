@@ -9,6 +9,9 @@ answer the engine did not give, except the faults a test asks for by name:
   body instead of forwarding them (an engine returning 5xx);
 - ``cut_after_chunks``: forward this many body chunks of a completion response, then drop the
   connection without finishing it (an engine that dies mid-stream);
+- ``stall_after_chunks`` and ``stall_s``: forward this many body chunks of a completion
+  response, then send nothing for ``stall_s`` seconds before going on (an engine that hangs
+  mid-stream);
 - ``refuse()``: stop listening and drop every open connection, so connections are refused,
   until ``resume()``.
 
@@ -46,6 +49,8 @@ class Relay:
         self.delay_s = 0.0
         self.fail_status: int | None = None
         self.cut_after_chunks: int | None = None
+        self.stall_after_chunks: int | None = None
+        self.stall_s = 0.0
         self._lock = threading.Lock()
         self._down = False
         self._transports: set[asyncio.BaseTransport] = set()
@@ -163,6 +168,8 @@ class Relay:
                     assert request.transport is not None
                     request.transport.abort()  # the engine "dies": no terminating chunk, no [DONE]
                     return out
+                if completion and self.stall_after_chunks is not None and sent == self.stall_after_chunks:
+                    await asyncio.sleep(self.stall_s)
                 await out.write(chunk)
                 sent += 1
             await out.write_eof()

@@ -148,11 +148,15 @@ def relay(stack) -> Iterator[Relay]:
 
 @pytest.fixture
 def relay_reset(relay: Relay) -> Iterator[Relay]:
-    relay.delay_s, relay.fail_status, relay.cut_after_chunks = 0.0, None, None
+    def clear() -> None:
+        relay.delay_s, relay.fail_status, relay.cut_after_chunks = 0.0, None, None
+        relay.stall_after_chunks, relay.stall_s = None, 0.0
+
+    clear()
     try:
         yield relay
     finally:
-        relay.delay_s, relay.fail_status, relay.cut_after_chunks = 0.0, None, None
+        clear()
         if relay._site is None:  # a test that refused connections and failed before resume()
             relay.resume()
 
@@ -274,6 +278,24 @@ def test_answer_cut_mid_stream_ends_with_an_error_event(stack, relayed, relay_re
         sample(before, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") + 1
     assert sample(after, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") == \
         sample(before, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") + 1
+    assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
+
+
+def test_engine_hanging_mid_stream_ends_the_stream_after_the_read_timeout(stack, relayed, relay_reset):
+    prompt = heldout(stack, 1, offset=1)[0]
+    before = relayed.scrape()
+    relay_reset.stall_after_chunks, relay_reset.stall_s = 3, 6.0
+    t0 = time.monotonic()
+    lines = stream_lines(relayed.url, {"model": "poster-eos-masked", "prompt": prompt, "max_tokens": 100,
+                                       "temperature": 0, "stream": True})
+    took = time.monotonic() - t0
+    got = events(lines)
+    assert "[DONE]" not in got and len(got) >= 2
+    assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-1]
+    assert took < 5.5, f"the stream ended after {took:.1f} s; the upstream read timeout is 2 s"
+    after = assert_settled(relayed)
+    assert sample(after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == \
+        sample(before, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") + 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
 
