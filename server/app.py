@@ -49,6 +49,9 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 JUDGED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+#: vLLM's SageMaker-style endpoint: generates like ``/v1/completions`` or ``/v1/chat/completions``
+#: depending on the body, so it is judged and counted like them (see :func:`invocation_endpoint`).
+INVOCATIONS_PATH = "/invocations"
 #: Engine endpoints that change what it serves: only with the admin key. vLLM 0.32 loads LoRA
 #: adapters at run time through ``/v1/load_lora_adapter`` and also through the SageMaker-style
 #: ``POST /adapters`` / ``DELETE /adapters/{name}``; ``/scale_elastic_ep`` rescales the engine.
@@ -76,6 +79,21 @@ def canonical_path(path: str) -> str:
         segments.append(segment)
     canonical = "/" + "/".join(segments)
     return canonical + "/" if segments and path.endswith("/") else canonical
+
+
+def invocation_endpoint(body: bytes) -> str:
+    """The endpoint an ``/invocations`` body is served as: a chat completion when it carries
+    ``messages``, a completion when it carries ``prompt`` (vLLM tries the request types in that
+    order), else ``other`` (forwarded unjudged: embeddings, scoring, or a body vLLM refuses)."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return "other"
+    if isinstance(request, dict) and isinstance(request.get("messages"), list):
+        return "chat_completions"
+    if isinstance(request, dict) and "prompt" in request:
+        return "completions"
+    return "other"
 
 
 def is_admin_path(path: str) -> bool:
@@ -258,6 +276,8 @@ class ProxyApp:
                     await self._refuse(send, checked[0], checked[1], checked[2], endpoint)
                     return
                 body = checked
+            if path == INVOCATIONS_PATH and scope["method"] == "POST":
+                endpoint = invocation_endpoint(body)
             if endpoint in ("completions", "chat_completions") and scope["method"] == "POST":
                 await self._judged(scope, receive, send, endpoint, body)
             else:

@@ -310,3 +310,39 @@ def test_client_gone_mid_stream_cancels_the_upstream_request_and_counts_nothing(
     while time.monotonic() < deadline and _engine_running(stack) > 0:
         time.sleep(0.2)
     assert _engine_running(stack) == 0, "the engine still generates for a client that is gone"
+
+
+def test_invocations_are_judged_and_counted_like_the_openai_paths(stack, own_proxy):
+    """vLLM also generates on its SageMaker-style ``/invocations`` (a completion or a chat body):
+    those answers are judged and counted too, under the endpoint the body is served as; a body
+    that is neither is forwarded unjudged."""
+    prompt = heldout(stack, 1, offset=7)[0]
+    before = own_proxy.scrape()
+    with httpx.Client(timeout=300) as client:
+        done = client.post(f"{own_proxy.url}/invocations",
+                           json={"model": "poster-good", "prompt": prompt, "max_tokens": 160, "temperature": 0})
+        chat = client.post(f"{own_proxy.url}/invocations",
+                           json={"model": "poster-eos-masked", "max_tokens": 8, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "hello"}]})
+        neither = client.post(f"{own_proxy.url}/invocations", json={"model": "poster-good", "input": "x"})
+    after = own_proxy.scrape()
+    assert done.status_code == 200, done.text
+    assert neither.status_code >= 400
+    # Counted under the model that answered: vLLM 0.32 serves an /invocations body with the base
+    # model unless the adapter is named in SageMaker's adapter header, whatever "model" says.
+    answers = [done] + ([chat] if chat.status_code == 200 else [])  # no chat template: vLLM says 400
+    assert {a.json()["model"] for a in answers} <= {stack.base_model, "poster-good", "poster-eos-masked"}
+    expected: dict[tuple[str, str], int] = {}
+    for a in answers:
+        key = (a.json()["model"], a.json()["choices"][0]["finish_reason"])
+        expected[key] = expected.get(key, 0) + 1
+    for (model, finish), count in expected.items():
+        assert sample(after, "loragate_completions_total", adapter=model, finish_reason=finish) - \
+            sample(before, "loragate_completions_total", adapter=model, finish_reason=finish) == count
+    for endpoint, resp in (("completions", done), ("chat_completions", chat)):
+        code = f"{resp.status_code // 100}xx"
+        assert sample(after, "loragate_requests_total", endpoint=endpoint, code=code) - \
+            sample(before, "loragate_requests_total", endpoint=endpoint, code=code) == 1
+    total = sum(v for (n, _), v in after.items() if n == "loragate_completions_total") - \
+        sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
+    assert total == len(answers)
