@@ -489,7 +489,7 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
     tree = _tree(procs)
     if not tree:
         return []
-    shm = _shm_files([p.pid for p in tree])
+    shm = shm_files([p.pid for p in tree])
     groups = {p.pid for p in procs if p.alive()}
     for pgid in groups:
         with contextlib.suppress(OSError):
@@ -508,7 +508,7 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
                 proc.kill()
                 killed.append(proc.pid)
         _wait_gone(alive, 5.0)
-    _unlink_unused(shm)
+    unlink_unused_shm(shm)
     return killed
 
 
@@ -516,7 +516,7 @@ def _terminate(procs: list[_Proc], grace_s: float) -> list[int]:
 SHM_DIR = Path("/dev/shm")
 
 
-def _shm_files(pids: Any) -> set[Path]:
+def shm_files(pids: Any) -> set[Path]:
     """Shared-memory files the stack's processes have open or mapped.
 
     vLLM's engine and worker share ``psm_*`` segments (hundreds of MiB of RAM); a graceful
@@ -540,7 +540,7 @@ def _shm_files(pids: Any) -> set[Path]:
     return found
 
 
-def _unlink_unused(paths: set[Path]) -> None:
+def unlink_unused_shm(paths: set[Path]) -> None:
     """Remove those of ``paths`` that still exist and that no live process uses."""
     left = {p for p in paths if p.exists()}
     if not left:
@@ -548,7 +548,7 @@ def _unlink_unused(paths: set[Path]) -> None:
     with contextlib.suppress(OSError):
         for pid in os.listdir("/proc"):
             if pid.isdigit():
-                left -= _shm_files([int(pid)])
+                left -= shm_files([int(pid)])
             if not left:
                 return
     for path in left:

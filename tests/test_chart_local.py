@@ -130,14 +130,14 @@ def _stop(procs: list[Proc], grace_s: float = STOP_GRACE_S) -> None:
     remove the shared memory they held that nothing else uses (a SIGKILLed vLLM leaks it)."""
     import psutil
 
-    from loragate.stack import _shm_files, _unlink_unused
+    from loragate.stack import shm_files, unlink_unused_shm
 
     family: list[psutil.Process] = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(proc.popen.pid)
             family += [root, *root.children(recursive=True)]
-    shm = _shm_files([p.pid for p in family])
+    shm = shm_files([p.pid for p in family])
     for proc in procs:
         with contextlib.suppress(OSError):
             os.killpg(proc.popen.pid, signal.SIGTERM)
@@ -152,7 +152,7 @@ def _stop(procs: list[Proc], grace_s: float = STOP_GRACE_S) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.popen.wait(timeout=5)
-    _unlink_unused(shm)
+    unlink_unused_shm(shm)
 
 
 def _wait(check, what: str, procs: list[Proc], deadline: float) -> None:

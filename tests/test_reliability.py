@@ -98,7 +98,7 @@ class Engine:
                 pytest.fail(f"second engine exited with {self.popen.returncode}:\n{st.log_tail(self.log)}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.shm = st._shm_files(p.pid for p in self.family())
+                    self.shm = st.shm_files(p.pid for p in self.family())
                     return
             time.sleep(0.5)
         pytest.fail(f"second engine not healthy within {ENGINE_START_S} s:\n{st.log_tail(self.log)}")
@@ -112,7 +112,7 @@ class Engine:
     def kill(self) -> None:
         """SIGKILL the whole engine (API server, engine core, worker): no goodbye on any socket."""
         family = self.family()
-        self.shm |= st._shm_files(p.pid for p in family)
+        self.shm |= st.shm_files(p.pid for p in family)
         with contextlib.suppress(OSError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         for p in family:
@@ -121,7 +121,7 @@ class Engine:
         psutil.wait_procs(family, timeout=10)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        st._unlink_unused(self.shm)  # a SIGKILLed vLLM leaks its shared memory otherwise
+        st.unlink_unused_shm(self.shm)  # a SIGKILLed vLLM leaks its shared memory otherwise
 
 
 @pytest.fixture(scope="module", autouse=True)
