@@ -81,6 +81,11 @@ class Relay:
         self._call(self._open_site())
 
     @property
+    def listening(self) -> bool:
+        """False between :meth:`refuse` and :meth:`resume`."""
+        return self._site is not None
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

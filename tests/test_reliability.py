@@ -157,7 +157,7 @@ def relay_reset(relay: Relay) -> Iterator[Relay]:
         yield relay
     finally:
         clear()
-        if relay._site is None:  # a test that refused connections and failed before resume()
+        if not relay.listening:  # a test that refused connections and failed before resume()
             relay.resume()
 
 
