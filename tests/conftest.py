@@ -55,6 +55,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item not in last] + last
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: SIGINT back to its default.
+
+    A shell starts background jobs with SIGINT ignored, children inherit that, and Python then
+    installs no KeyboardInterrupt handler, so the child would never see the Ctrl-C the test
+    sends (a test run in the background, as some CI runners do, would fail for that alone).
+    """
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
+
 # --------------------------------------------------------------------------- own proxies
 # Tests that assert exact counter values run their own proxy in front of the stack's vLLM,
 # so other tests' traffic through the stack's proxy cannot change what they count.

@@ -30,6 +30,7 @@ from loragate.acceptance import report as rep
 from loragate.acceptance.gate import GateOptions, run_gate
 from loragate.demo.artifacts import current_build
 from loragate.errors import GateError
+from conftest import interruptible
 from relay import Relay
 
 pytestmark = pytest.mark.stack
@@ -207,7 +208,7 @@ def test_an_interrupted_suite_is_a_reject_and_promotes_nothing(relay, build, tmp
     relay.delay_s = 1.0
     before = snapshot(promoted)
     gate = subprocess.Popen(gate_cmd(relay.url, build, tmp_path / "r", promoted), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     child = _wait_for_suite(tmp_path / "r", gate)
     gate.send_signal(sig)
     out, err = gate.communicate(timeout=60)

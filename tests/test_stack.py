@@ -26,6 +26,8 @@ from loragate import stack as st
 from loragate.contracts import load_contracts
 from loragate.errors import EngineStartError
 
+from conftest import interruptible
+
 STATUS_KEYS = {"proxy", "vllm", "metrics", "heldout_prompts", "contracts_file", "log_dir"}
 
 
@@ -280,7 +282,7 @@ def test_interrupting_up_stops_everything_it_started(tmp_path: Path, stack_build
     env = dict(os.environ, LORAGATE_HOME=str(stack_build_home))
     tmp_before = our_tmpdirs()
     up = subprocess.Popen([sys.executable, "-m", "loragate.cli", "up"], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
     state_file = stack_build_home / "stack" / "state.json"
     deadline = time.monotonic() + 60
     vllm_pid = None
