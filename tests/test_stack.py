@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psutil
@@ -307,8 +308,9 @@ def test_interrupting_up_stops_everything_it_started(tmp_path: Path, stack_build
 
 
 @pytest.fixture
-def stack_build_home(tmp_path: Path) -> Path:
-    """A fresh LORAGATE_HOME that sees the session's demo build (no stack, no state)."""
+def stack_build_home(tmp_path: Path) -> Iterator[Path]:
+    """A fresh LORAGATE_HOME that sees the session's demo build (no stack, no state). Whatever
+    a failed test left running there is stopped afterwards."""
     from loragate.demo.artifacts import current_build
 
     if current_build() is None:
@@ -318,7 +320,9 @@ def stack_build_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     (home / "demo").symlink_to(settings.demo_root(), target_is_directory=True)
-    return home
+    yield home
+    if (home / "stack" / "state.json").exists():
+        loragate("down", home=home)
 
 
 # --------------------------------------------------------------------------- stopping the real stack
