@@ -308,7 +308,9 @@ def print_tables(result: dict) -> None:
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("which", nargs="*", choices=["proxy", "stack", "verdict"], default=[],
+    # No argparse choices here: with nargs="*" argparse checks the empty default against them
+    # and refuses a bare `loragate bench`; the names are checked in run().
+    parser.add_argument("which", nargs="*", metavar="{proxy,stack,verdict}",
                         help="benchmarks to run (default: all three; stack and verdict need `loragate up`)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=400, help="requests per block (proxy benchmark)")
@@ -320,8 +322,14 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, help="JSON result file (default: .loragate/reports/bench-<time>.json)")
 
 
+BENCHMARKS = ("proxy", "stack", "verdict")
+
+
 def run(args: argparse.Namespace) -> int:
-    which = args.which or ["proxy", "stack", "verdict"]
+    unknown = [name for name in args.which if name not in BENCHMARKS]
+    if unknown:
+        raise LoragateError(f"unknown benchmark {', '.join(map(repr, unknown))}: choose from {', '.join(BENCHMARKS)}")
+    which = args.which or list(BENCHMARKS)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
     import platform
 

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path):
     out = tmp_path / "bench.json"
@@ -55,3 +57,17 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     assert v["verdict"] == "PROMOTE" and v["exit_code"] == 0 and v["requests"] > 100
     assert {"static", "plan", "suite", "total"} <= set(v["phases_s"]) and v["wall_s"] >= v["phases_s"]["total"]
     assert read_promoted(promoted_dir()) == before  # benchmarking never promotes
+
+
+def test_bench_takes_all_three_by_default_and_names_an_unknown_one():
+    import argparse
+
+    from loragate import bench
+    from loragate.errors import LoragateError
+
+    parser = argparse.ArgumentParser()
+    bench.configure(parser, "bench")
+    assert parser.parse_args([]).which == []  # a bare `loragate bench` parses (all three run)
+    assert parser.parse_args(["stack", "verdict"]).which == ["stack", "verdict"]
+    with pytest.raises(LoragateError, match="unknown benchmark 'speed': choose from proxy, stack, verdict"):
+        bench.run(parser.parse_args(["speed"]))
