@@ -67,6 +67,12 @@ class Relay:
         self._call(self._start())
         return self
 
+    def __enter__(self) -> "Relay":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self._call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)

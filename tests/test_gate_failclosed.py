@@ -47,11 +47,8 @@ def build(stack):
 def relay(stack) -> Iterator[Relay]:
     """A recording relay in front of the stack's real vLLM (not the proxy: the gate's runtime
     LoRA calls go straight to the engine, as with ``--engine-url``)."""
-    r = Relay(stack.vllm_url).start()
-    try:
+    with Relay(stack.vllm_url) as r:
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture

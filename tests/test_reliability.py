@@ -139,11 +139,8 @@ def engine(stack) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def relay(stack) -> Iterator[Relay]:
-    r = Relay(stack.vllm_url).start()
-    try:
+    with Relay(stack.vllm_url) as r:
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture
