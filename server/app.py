@@ -278,6 +278,9 @@ class ProxyApp:
                 body = checked
             if path == INVOCATIONS_PATH and scope["method"] == "POST":
                 endpoint = invocation_endpoint(body)
+                gauge.dec()  # in flight from here on as what the body is served as
+                gauge = self.metrics.in_flight.labels(endpoint)
+                gauge.inc()
             if endpoint in ("completions", "chat_completions") and scope["method"] == "POST":
                 await self._judged(scope, receive, send, endpoint, body)
             else:

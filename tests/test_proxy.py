@@ -346,3 +346,21 @@ def test_invocations_are_judged_and_counted_like_the_openai_paths(stack, own_pro
     total = sum(v for (n, _), v in after.items() if n == "loragate_completions_total") - \
         sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
     assert total == len(answers)
+    for endpoint in ("completions", "chat_completions", "other"):
+        assert sample(after, "loragate_requests_in_flight", endpoint=endpoint) == 0
+
+
+def test_an_invocation_is_in_flight_as_what_its_body_is_served_as(stack, own_proxy):
+    prompt = heldout(stack, 1, offset=8)[0]
+    body = {"model": stack.base_model, "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=300) as client, client.stream("POST", f"{own_proxy.url}/invocations", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        next(lines)  # streaming has begun
+        during = own_proxy.scrape()
+        for _ in lines:
+            pass
+    assert sample(during, "loragate_requests_in_flight", endpoint="completions") == 1
+    assert sample(during, "loragate_requests_in_flight", endpoint="other") == 0
+    assert sample(own_proxy.scrape(), "loragate_requests_in_flight", endpoint="completions") == 0
