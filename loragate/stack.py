@@ -296,7 +296,9 @@ def check_proxy_installed() -> None:
         )
 
 
-def _engine_env(tmpdir: Path) -> dict[str, str]:
+def engine_env(tmpdir: Path) -> dict[str, str]:
+    """The environment ``vllm serve`` runs in: runtime LoRA updating on, offline, its temporary
+    files and sockets under ``tmpdir`` (the caller removes it after the engine stops)."""
     env = dict(os.environ)
     env.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -936,7 +938,7 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
 
         deadline = time.monotonic() + timeout_s
         try:
-            env = _engine_env(launch.tmpdir)
+            env = engine_env(launch.tmpdir)
             cmd = vllm_command(plan, vllm_port, executable=vllm_exe)
             progress.say(f"starting vLLM on {vllm_url} (log {vllm_log})")
             vllm_popen, proc = _spawn("vllm", cmd, vllm_log, env, die_with_parent=die_with_parent)

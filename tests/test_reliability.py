@@ -88,7 +88,7 @@ class Engine:
         self.log = tmp / "vllm.log"
         self.popen = subprocess.Popen(
             st.vllm_command(plan, self.port), stdin=subprocess.DEVNULL, stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT, env=st._engine_env(tmp), start_new_session=True)
+            stderr=subprocess.STDOUT, env=st.engine_env(tmp), start_new_session=True)
         self.shm: set[Path] = set()
 
     def wait_ready(self) -> None:
