@@ -4,6 +4,9 @@ Tests put it between a client (the gate, the proxy) and the real engine when the
 what was sent or to make the real engine look slow, broken or gone. It never invents an
 answer the engine did not give, except the faults a test asks for by name:
 
+Faults apply to the paths where the engine generates (completions, chat completions and
+``/invocations``):
+
 - ``delay_s``: wait this long before forwarding a completion request (a slow engine);
 - ``fail_status``: answer completion requests with this HTTP status and an OpenAI-style error
   body instead of forwarding them (an engine returning 5xx);
@@ -33,6 +36,8 @@ from aiohttp import web
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
               "proxy-connection", "te", "trailer"}
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+#: Paths where the engine generates, so where the faults apply: vLLM also generates on /invocations.
+GENERATION_PATHS = (*COMPLETION_PATHS, "/invocations")
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Relay:
             body = None
         with self._lock:
             self.requests.append(Recorded(request.method, request.path, body))
-        completion = request.path in COMPLETION_PATHS
+        completion = request.path in GENERATION_PATHS
         if completion and self.delay_s:
             await asyncio.sleep(self.delay_s)
         if completion and self.fail_status is not None:

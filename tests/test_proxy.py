@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from conftest import sample, scrape, start_proxy
+from relay import Relay
 from loragate.contracts import load_contracts
 from loragate.server.judging import judge_completion
 from loragate.server.metrics import OTHER_ADAPTER
@@ -350,17 +351,27 @@ def test_invocations_are_judged_and_counted_like_the_openai_paths(stack, own_pro
         assert sample(after, "loragate_requests_in_flight", endpoint=endpoint) == 0
 
 
-def test_an_invocation_is_in_flight_as_what_its_body_is_served_as(stack, own_proxy):
+def test_an_invocation_is_in_flight_as_what_its_body_is_served_as(stack, tmp_path):
+    # The relay holds the stream for 5 s after its first chunk, so the scrape lands while it is
+    # in flight however slow a busy 2-core machine makes the client (a free-running 300-token
+    # stream can end before a fresh HTTP client is even built there).
     prompt = heldout(stack, 1, offset=8)[0]
-    body = {"model": stack.base_model, "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": True,
+    body = {"model": stack.base_model, "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(timeout=300) as client, client.stream("POST", f"{own_proxy.url}/invocations", json=body) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        next(lines)  # streaming has begun
-        during = own_proxy.scrape()
-        for _ in lines:
-            pass
+    with Relay(stack.vllm_url) as relay:
+        relay.stall_after_chunks, relay.stall_s = 1, 5.0
+        proxy = start_proxy(relay.url, tmp_path, contracts=stack.contracts_file)
+        try:
+            with httpx.Client(timeout=300) as client, \
+                    client.stream("POST", f"{proxy.url}/invocations", json=body) as resp:
+                assert resp.status_code == 200
+                lines = resp.iter_lines()
+                next(lines)  # streaming has begun
+                during = proxy.scrape()
+                assert sum(1 for line in lines if line.startswith("data: {")) > 1
+            after = proxy.scrape()
+        finally:
+            proxy.stop()
     assert sample(during, "loragate_requests_in_flight", endpoint="completions") == 1
     assert sample(during, "loragate_requests_in_flight", endpoint="other") == 0
-    assert sample(own_proxy.scrape(), "loragate_requests_in_flight", endpoint="completions") == 0
+    assert sample(after, "loragate_requests_in_flight", endpoint="completions") == 0
