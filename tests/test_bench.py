@@ -17,22 +17,57 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "1", "4",
-         "--requests", "24", "--rounds", "1", "--chunks", "8", "--out", str(out)],
+         "--requests", "24", "--rounds", "1", "--chunks", "8", "--long-chunks", "32", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Proxy overhead" in run.stdout and "CPU us/req" in run.stdout
+    assert "CPU per chunk at concurrency 4 (streams of 32 vs 8 chunks)" in run.stdout
     result = json.loads(out.read_text())
     assert result["machine"]["cpus"] >= 1
     rows = result["proxy"]
-    assert {(r["concurrency"], r["stream"]) for r in rows} == {(1, False), (4, False), (1, True), (4, True)}
+    assert sorted((r["concurrency"], r["stream"], r.get("chunks_per_request")) for r in rows) == [
+        (1, False, None), (1, True, 8), (1, True, 32), (4, False, None), (4, True, 8), (4, True, 32)]
     for r in rows:
         assert r["errors_direct"] == 0 and r["errors_proxy"] == 0
         assert r["requests_each"] >= 24
         assert r["proxy_p50_ms"] > 0 and r["proxy_cpu_us_per_request"] > 0
         if r["stream"]:
-            # the instant upstream sends 8 content events (+ the proxy strips the usage event it asked for)
-            assert r["chunks_per_request"] == 8
+            # the instant upstream streams one content event per max_tokens (the proxy strips the
+            # usage event it asked for)
             assert r["proxy_cpu_us_per_chunk"] > 0
+    costs = result["proxy_chunk_cost"]
+    assert [c["concurrency"] for c in costs] == [1, 4]
+    for c in costs:
+        short, long = (next(r for r in rows if r["concurrency"] == c["concurrency"] and r.get("chunks_per_request") == n)
+                       for n in (8, 32))
+        assert c["cpu_us_per_chunk_marginal"] == pytest.approx(
+            (long["proxy_cpu_us_per_request"] - short["proxy_cpu_us_per_request"]) / 24)
+
+
+def test_the_chunk_cost_is_the_slope_between_short_and_long_streams():
+    from loragate.bench import chunk_costs
+
+    rows = [
+        {"concurrency": 16, "stream": False, "proxy_cpu_us_per_request": 700.0},
+        {"concurrency": 16, "stream": True, "chunks_per_request": 16.0, "proxy_cpu_us_per_request": 900.0},
+        {"concurrency": 16, "stream": True, "chunks_per_request": 128.0, "proxy_cpu_us_per_request": 2580.0},
+        {"concurrency": 1, "stream": True, "chunks_per_request": 16.0, "proxy_cpu_us_per_request": 950.0},
+    ]
+    (cost,) = chunk_costs(rows)  # concurrency 1 has one stream length only: no slope
+    assert cost["concurrency"] == 16 and cost["chunks_short"] == 16 and cost["chunks_long"] == 128
+    assert cost["cpu_us_per_chunk_marginal"] == pytest.approx(15.0)
+
+
+def test_chunk_counts_out_of_range_are_refused_before_anything_runs():
+    import argparse
+
+    from loragate import bench
+    from loragate.errors import LoragateError
+
+    parser = argparse.ArgumentParser()
+    bench.configure(parser, "bench")
+    with pytest.raises(LoragateError, match="--long-chunks must be between 1 and 4096, not 5000"):
+        bench.run(parser.parse_args(["proxy", "--long-chunks", "5000"]))
 
 
 def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
