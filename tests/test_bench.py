@@ -106,3 +106,18 @@ def test_bench_takes_all_three_by_default_and_names_an_unknown_one():
     assert parser.parse_args(["stack", "verdict"]).which == ["stack", "verdict"]
     with pytest.raises(LoragateError, match="unknown benchmark 'speed': choose from proxy, stack, verdict"):
         bench.run(parser.parse_args(["speed"]))
+
+
+def test_floor_benchmark_measures_the_server_and_client_layers_alone(tmp_path):
+    out = tmp_path / "floor.json"
+    run = subprocess.run([sys.executable, "-m", "loragate.bench_floor", "--requests", "600", "--concurrency", "4",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "uvicorn null app" in run.stdout and "aiohttp upstream client" in run.stdout
+    r = json.loads(out.read_text())
+    assert r["concurrency"] == 4 and r["requests"] == 600
+    assert r["server_cpu_us_per_request"] > 0 and r["client_cpu_us_per_request"] > 0
+    assert r["floor_cpu_us_per_request"] == pytest.approx(r["server_cpu_us_per_request"] + r["client_cpu_us_per_request"])
+    refused = subprocess.run([sys.executable, "-m", "loragate.bench_floor", "--requests", "2", "--concurrency", "4"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--requests must be at least --concurrency" in refused.stderr

@@ -1,0 +1,156 @@
+"""The floor under the proxy's CPU per request: what its two HTTP layers cost with no proxy on top.
+
+The proxy is an ASGI app served by uvicorn (httptools, uvloop) that forwards each request with
+an aiohttp client (:class:`loragate.server.upstream.Upstream`). This measures each layer alone,
+the way ``loragate bench proxy`` measures the proxy (CPU from the process's own counters, the
+bench client and the upstream on the same cores):
+
+- ``server``: a null ASGI app on uvicorn with the proxy's server settings; it reads the body
+  and answers the bench upstream's fixed completion. CPU of that server process per request.
+- ``client``: :class:`~loragate.server.upstream.Upstream` sending the proxy's request to the
+  bench upstream (:mod:`loragate.bench_upstream`) and reading the answer. CPU of the sending
+  process per request.
+
+Their sum is what any proxy built on these two layers spends per non-streamed request before
+it does any work of its own, so it bounds from below what leaner judging or metrics can reach.
+
+Run: ``python -m loragate.bench_floor [--requests N] [--concurrency C] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from loragate.bench import _cpu_seconds, _free_port, _run_block, _wait_http
+from loragate.bench_upstream import MODEL, _completion_body
+
+BODY = {"model": MODEL, "prompt": "bench", "max_tokens": 16, "stream": False}
+ANSWER = _completion_body(False, 8, 16)
+
+
+async def null_app(scope, receive, send) -> None:
+    """Reads the request body and answers a fixed completion: the server layer and nothing else."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]})
+    await send({"type": "http.response.body", "body": ANSWER})
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    # the proxy's own uvicorn settings (loragate/server/cli.py), lifespan aside
+    uvicorn.run(null_app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                lifespan="off", server_header=False)
+
+
+async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await _run_block(client, url, BODY, concurrency, concurrency)  # warm-up
+        before = _cpu_seconds(pid)
+        block = await _run_block(client, url, BODY, concurrency, requests)
+        cpu = _cpu_seconds(pid) - before
+    if block.errors:
+        raise RuntimeError(f"{block.errors} of {requests} requests to the null server failed")
+    return cpu / requests * 1e6
+
+
+async def _client_floor(upstream_url: str, concurrency: int, requests: int) -> float:
+    from loragate.server.upstream import Upstream
+
+    upstream = Upstream(upstream_url, read_timeout_s=60)
+    body = json.dumps(BODY).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    failed = 0
+
+    async def worker(n: int) -> None:
+        nonlocal failed
+        for _ in range(n):
+            resp = await upstream.send("POST", "/v1/completions", headers, body)
+            try:
+                await resp.read()
+                failed += resp.status != 200
+            finally:
+                resp.close()
+
+    try:
+        await worker(concurrency)  # warm-up
+        t0 = os.times()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        t1 = os.times()
+    finally:
+        await upstream.close()
+    if failed:
+        raise RuntimeError(f"{failed} requests to the bench upstream failed")
+    done = requests // concurrency * concurrency
+    return ((t1.user - t0.user) + (t1.system - t0.system)) / done * 1e6
+
+
+def measure(concurrency: int, requests: int) -> dict:
+    """Both floors, in µs of CPU per request."""
+    up_port, null_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve", str(null_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        _wait_http(f"http://127.0.0.1:{up_port}/health")
+        _wait_http(f"http://127.0.0.1:{null_port}/health")
+        print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+        server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
+                                           concurrency, requests))
+        print(f"[bench floor] aiohttp upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+        try:
+            import uvloop
+
+            client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+        except ImportError:
+            client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+    return {"concurrency": concurrency, "requests": requests, "server_cpu_us_per_request": server,
+            "client_cpu_us_per_request": client, "floor_cpu_us_per_request": server + client}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the null server itself
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    if args.requests < args.concurrency or args.concurrency < 1:
+        parser.error("--requests must be at least --concurrency, and --concurrency at least 1")
+    from loragate.bench import TARGET_CPU_PER_REQUEST_US
+
+    r = measure(args.concurrency, args.requests)
+    print(f"uvicorn null app:       {r['server_cpu_us_per_request']:6.0f} us CPU per request\n"
+          f"aiohttp upstream client: {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
+          f"floor (sum):            {r['floor_cpu_us_per_request']:6.0f} us CPU per non-streamed request "
+          f"(proxy target {TARGET_CPU_PER_REQUEST_US:.0f} us)")
+    if args.out:
+        args.out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
