@@ -95,6 +95,11 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    """How much one sample grew between two scrapes."""
+    return sample(after, name, **labels) - sample(before, name, **labels)
+
+
 @dataclass
 class ProxyProcess:
     """A ``loragate proxy`` process started by a test."""

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import sample, scrape, start_proxy
+from conftest import delta, sample, scrape, start_proxy
 from relay import Relay
 from loragate.contracts import load_contracts
 from loragate.server.judging import judge_completion
@@ -100,7 +100,7 @@ def test_counters_equal_what_the_responses_show_per_adapter(stack, own_proxy):
         total = sum(v for (name, a, _, _), v in expected.items() if a == adapter and name == "loragate_completions_total")
         assert total == 7
     for (name, adapter, label, value), count in expected.items():
-        got = sample(after, name, adapter=adapter, **{label: value}) - sample(before, name, adapter=adapter, **{label: value})
+        got = delta(before, after, name, adapter=adapter, **{label: value})
         assert got == count, f"{name}{{adapter={adapter},{label}={value}}}: proxy counted {got}, responses show {count}"
     # and nothing else was counted: totals over every label value match
     for name in ("loragate_completions_total", "loragate_json_outputs_total"):
@@ -141,12 +141,8 @@ def test_length_cut_at_max_tokens_is_told_apart_from_a_cut_at_the_context_limit(
     assert full["choices"][0]["finish_reason"] == "length", full
     assert full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"] == stack.max_model_len
 
-    def delta(cause):
-        return (sample(after, "loragate_length_cutoffs_total", adapter="poster-eos-masked", cause=cause)
-                - sample(before, "loragate_length_cutoffs_total", adapter="poster-eos-masked", cause=cause))
-
-    assert delta("max_tokens") == 1
-    assert delta("context") == 1
+    for cause in ("max_tokens", "context"):
+        assert delta(before, after, "loragate_length_cutoffs_total", adapter="poster-eos-masked", cause=cause) == 1
 
 
 def test_a_json_constraint_is_recorded_per_request(stack, own_proxy):
@@ -165,9 +161,7 @@ def test_a_json_constraint_is_recorded_per_request(stack, own_proxy):
         return
     text = resp.json()["choices"][0]["text"]
     result = judge_completion(text, "stop", expects_json=True).json_result.value
-    got = (sample(after, "loragate_json_constrained_outputs_total", adapter="poster-good", result=result)
-           - sample(before, "loragate_json_constrained_outputs_total", adapter="poster-good", result=result))
-    assert got == 1
+    assert delta(before, after, "loragate_json_constrained_outputs_total", adapter="poster-good", result=result) == 1
 
 
 def test_unknown_model_names_never_mint_labels(stack, own_proxy):
@@ -221,14 +215,12 @@ def test_chat_completions_stream_through_the_proxy(stack, own_proxy):
     except openai.BadRequestError as exc:  # no chat template in the tokenizer: the engine's 400
         assert exc.status_code == 400
         after = own_proxy.scrape()
-        assert sample(after, "loragate_requests_total", endpoint="chat_completions", code="4xx") == \
-            sample(before, "loragate_requests_total", endpoint="chat_completions", code="4xx") + 1
+        assert delta(before, after, "loragate_requests_total", endpoint="chat_completions", code="4xx") == 1
         return
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1
     after = own_proxy.scrape()
-    assert sample(after, "loragate_completions_total", adapter="poster-good", finish_reason=finish[0]) == \
-        sample(before, "loragate_completions_total", adapter="poster-good", finish_reason=finish[0]) + 1
+    assert delta(before, after, "loragate_completions_total", adapter="poster-good", finish_reason=finish[0]) == 1
 
 
 def test_bad_input_gets_openai_errors_and_is_counted(stack, own_proxy):
@@ -247,10 +239,8 @@ def test_bad_input_gets_openai_errors_and_is_counted(stack, own_proxy):
         error = resp.json()["error"]
         assert error["message"]
     for reason in ("malformed_json", "not_an_object", "unsupported_media_type"):
-        assert sample(after, "loragate_rejected_requests_total", reason=reason) == \
-            sample(before, "loragate_rejected_requests_total", reason=reason) + 1
-    assert sample(after, "loragate_requests_total", endpoint="completions", code="4xx") == \
-        sample(before, "loragate_requests_total", endpoint="completions", code="4xx") + 5
+        assert delta(before, after, "loragate_rejected_requests_total", reason=reason) == 1
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="4xx") == 5
     assert sum(v for (n, _), v in after.items() if n == "loragate_completions_total") == \
         sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
 
@@ -296,12 +286,10 @@ def test_client_gone_mid_stream_cancels_the_upstream_request_and_counts_nothing(
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         after = own_proxy.scrape()
-        if sample(after, "loragate_client_disconnects_total", adapter="poster-eos-masked") > \
-                sample(before, "loragate_client_disconnects_total", adapter="poster-eos-masked"):
+        if delta(before, after, "loragate_client_disconnects_total", adapter="poster-eos-masked") > 0:
             break
         time.sleep(0.2)
-    assert sample(after, "loragate_client_disconnects_total", adapter="poster-eos-masked") == \
-        sample(before, "loragate_client_disconnects_total", adapter="poster-eos-masked") + 1
+    assert delta(before, after, "loragate_client_disconnects_total", adapter="poster-eos-masked") == 1
     assert sample(after, "loragate_requests_in_flight", endpoint="completions") == 0
     assert sum(v for (n, _), v in after.items() if n == "loragate_completions_total") == \
         sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
@@ -338,12 +326,10 @@ def test_invocations_are_judged_and_counted_like_the_openai_paths(stack, own_pro
         key = (a.json()["model"], a.json()["choices"][0]["finish_reason"])
         expected[key] = expected.get(key, 0) + 1
     for (model, finish), count in expected.items():
-        assert sample(after, "loragate_completions_total", adapter=model, finish_reason=finish) - \
-            sample(before, "loragate_completions_total", adapter=model, finish_reason=finish) == count
+        assert delta(before, after, "loragate_completions_total", adapter=model, finish_reason=finish) == count
     for endpoint, resp in (("completions", done), ("chat_completions", chat)):
         code = f"{resp.status_code // 100}xx"
-        assert sample(after, "loragate_requests_total", endpoint=endpoint, code=code) - \
-            sample(before, "loragate_requests_total", endpoint=endpoint, code=code) == 1
+        assert delta(before, after, "loragate_requests_total", endpoint=endpoint, code=code) == 1
     total = sum(v for (n, _), v in after.items() if n == "loragate_completions_total") - \
         sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
     assert total == len(answers)

@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ProxyProcess, sample, start_proxy
+from conftest import ProxyProcess, delta, sample, start_proxy
 from loragate import stack as st
 from relay import Relay
 
@@ -209,8 +209,7 @@ def test_slow_engine_gets_504_and_is_counted(stack, relayed, relay_reset):
     assert error["type"] == "upstream_error" and "timeout" in error["message"]
     assert 1.5 < took < 4.0, f"answered after {took:.1f} s; the upstream timeout is 2 s"
     after = assert_settled(relayed)
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-good", kind="timeout") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-good", kind="timeout") + 1
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="timeout") == 1
     assert httpx.get(f"{relayed.url}/health").status_code == 200
 
 
@@ -229,8 +228,7 @@ def test_refused_connections_get_502_and_readiness_follows_the_engine(stack, rel
     assert models.status_code == 502
     assert ready.status_code == 503 and live == [200] * 5
     after = assert_settled(relayed)
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-good", kind="connect") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-good", kind="connect") + 1
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="connect") == 1
     # back: ready again, and answering
     assert wait_for(lambda: httpx.get(f"{relayed.url}/ready", timeout=10).status_code == 200, 10)
     ok = httpx.post(f"{relayed.url}/v1/completions", timeout=60,
@@ -249,10 +247,8 @@ def test_engine_5xx_is_passed_through_and_counted(stack, relayed, relay_reset):
         assert resp.status_code == 503
         assert resp.json()["error"]["message"] == "injected upstream failure"
     after = assert_settled(relayed)
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-good", kind="status_5xx") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-good", kind="status_5xx") + 2
-    assert sample(after, "loragate_requests_total", endpoint="completions", code="5xx") == \
-        sample(before, "loragate_requests_total", endpoint="completions", code="5xx") + 2
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="status_5xx") == 2
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="5xx") == 2
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
 
@@ -271,10 +267,8 @@ def test_answer_cut_mid_stream_ends_with_an_error_event(stack, relayed, relay_re
     assert all("choices" in e for e in got[:-1]) and len(got) >= 2
     assert whole.status_code == 502 and whole.json()["error"]["type"] == "upstream_error"
     after = assert_settled(relayed)
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") + 1
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") + 1
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
 
@@ -291,8 +285,7 @@ def test_engine_hanging_mid_stream_ends_the_stream_after_the_read_timeout(stack,
     assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-1]
     assert took < 5.5, f"the stream ended after {took:.1f} s; the upstream read timeout is 2 s"
     after = assert_settled(relayed)
-    assert sample(after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == \
-        sample(before, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") + 1
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
 
@@ -377,8 +370,7 @@ def test_client_faults_get_clear_errors_and_leak_nothing(stack, clientside):
 
     after = assert_settled(proxy)
     for reason, n in (("slow_body", 1), ("body_too_large", 1), ("malformed_json", 1), ("unsupported_media_type", 3)):
-        assert sample(after, "loragate_rejected_requests_total", reason=reason) == \
-            sample(before, "loragate_rejected_requests_total", reason=reason) + n, reason
+        assert delta(before, after, "loragate_rejected_requests_total", reason=reason) == n, reason
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
     # nothing left open: no client connection, and no more descriptors than before
     assert wait_for(lambda: not client_connections(proxy), 10), client_connections(proxy)
@@ -433,26 +425,21 @@ def test_concurrent_streams_some_cancelled_count_exactly(stack, clientside):
     took = time.monotonic() - t0
     finished = [r for r in results if r is not None]
     assert len(finished) == STREAMS - CANCELLED
-    wait_for(lambda: (s := proxy.scrape()) and sample(s, "loragate_client_disconnects_total",
-                     adapter="poster-eos-masked") - sample(before, "loragate_client_disconnects_total",
-                     adapter="poster-eos-masked") >= CANCELLED and s, 30)
+    wait_for(lambda: delta(before, proxy.scrape(), "loragate_client_disconnects_total",
+                           adapter="poster-eos-masked") >= CANCELLED, 30)
     after = assert_settled(proxy)
     expected: dict[tuple[str, str], int] = {}
     for adapter, finish in finished:
         expected[(adapter, finish)] = expected.get((adapter, finish), 0) + 1
     for adapter in ("poster-good", "poster-truncated", "poster-eos-masked"):
         for finish in ("stop", "length", "other"):
-            got = sample(after, "loragate_completions_total", adapter=adapter, finish_reason=finish) - \
-                sample(before, "loragate_completions_total", adapter=adapter, finish_reason=finish)
+            got = delta(before, after, "loragate_completions_total", adapter=adapter, finish_reason=finish)
             assert got == expected.get((adapter, finish), 0), (adapter, finish, got, expected)
     assert counter_total(after, "loragate_completions_total") - counter_total(before, "loragate_completions_total") \
         == STREAMS - CANCELLED
-    assert sample(after, "loragate_client_disconnects_total", adapter="poster-eos-masked") - \
-        sample(before, "loragate_client_disconnects_total", adapter="poster-eos-masked") == CANCELLED
-    assert sample(after, "loragate_requests_total", endpoint="completions", code="2xx") - \
-        sample(before, "loragate_requests_total", endpoint="completions", code="2xx") == STREAMS - CANCELLED
-    assert sample(after, "loragate_requests_total", endpoint="completions", code="4xx") - \
-        sample(before, "loragate_requests_total", endpoint="completions", code="4xx") == CANCELLED
+    assert delta(before, after, "loragate_client_disconnects_total", adapter="poster-eos-masked") == CANCELLED
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="2xx") == STREAMS - CANCELLED
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="4xx") == CANCELLED
     assert counter_total(after, "loragate_upstream_errors_total") == counter_total(before, "loragate_upstream_errors_total")
     print(f"\n{STREAMS} concurrent streams, {CANCELLED} cancelled: {took:.1f} s; finished {dict(expected)}")
 
