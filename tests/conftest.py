@@ -71,6 +71,7 @@ def interruptible() -> None:
 # Tests that assert exact counter values run their own proxy in front of the stack's vLLM,
 # so other tests' traffic through the stack's proxy cannot change what they count.
 
+import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -98,6 +99,12 @@ def sample(samples: dict, name: str, **labels: str) -> float:
 def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     """How much one sample grew between two scrapes."""
     return sample(after, name, **labels) - sample(before, name, **labels)
+
+
+def heldout(stack: st.StackInfo, n: int, offset: int = 0) -> list[str]:
+    """``n`` of the demo's held-out prompts, from ``offset`` on."""
+    lines = Path(stack.heldout_prompts).read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[offset:offset + n]]
 
 
 @dataclass

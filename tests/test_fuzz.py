@@ -20,7 +20,6 @@ Properties held (hypothesis; example counts below, kept small for a 2-core CI):
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -29,7 +28,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ProxyProcess, start_proxy
+from conftest import ProxyProcess, heldout, start_proxy
 from loragate.contracts import load_contracts
 from loragate.server.judging import judge_completion
 from loragate.server.sse import StreamTally
@@ -171,7 +170,7 @@ def test_arbitrary_bytes_and_content_types_get_clear_errors(proxy):
 @pytest.fixture(scope="module")
 def recorded(stack) -> tuple[bytes, dict]:
     """A real vLLM SSE stream (two choices, usage included) and the same request unstreamed."""
-    prompt = json.loads(Path(stack.heldout_prompts).read_text().splitlines()[2])["prompt"]
+    prompt = heldout(stack, 1, offset=2)[0]
     body = {"model": "poster-good", "prompt": prompt, "max_tokens": 60, "temperature": 0.8, "seed": 7, "n": 2}
     with httpx.stream("POST", f"{stack.vllm_url}/v1/completions", timeout=120,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:

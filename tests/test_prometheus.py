@@ -5,7 +5,6 @@ Uses Debian's ``prometheus`` and ``promtool`` (installed by scripts/setup.sh).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import _free_port, start_proxy
+from conftest import _free_port, heldout, start_proxy
 from loragate.contracts import Thresholds, load_contracts
 from loragate.server.judging import judge_completion
 
@@ -112,7 +111,7 @@ def _query(url: str, promql: str) -> dict[str, float]:
 @pytest.mark.stack
 def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(stack, scraped_proxy, prometheus):
     contracts = load_contracts(stack.contracts_file)
-    prompts = [json.loads(line)["prompt"] for line in Path(stack.heldout_prompts).read_text().splitlines()[20:24]]
+    prompts = heldout(stack, 4, offset=20)
     counts: dict[str, list[int]] = {}
     validity: dict[str, list[int]] = {}
     before = scraped_proxy.scrape()

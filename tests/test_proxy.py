@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import delta, sample, scrape, start_proxy
+from conftest import delta, heldout, sample, scrape, start_proxy
 from relay import Relay
 from loragate.contracts import load_contracts
 from loragate.server.judging import judge_completion
@@ -24,11 +23,6 @@ from loragate.server.metrics import OTHER_ADAPTER
 pytestmark = pytest.mark.stack
 
 ADAPTERS = ("poster-good", "poster-eos-masked", "poster-truncated")
-
-
-def heldout(stack, n: int, offset: int = 0) -> list[str]:
-    lines = Path(stack.heldout_prompts).read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines[offset:offset + n]]
 
 
 async def _complete(client: httpx.AsyncClient, url: str, body: dict) -> dict:

@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ProxyProcess, delta, sample, start_proxy
+from conftest import ProxyProcess, delta, heldout, sample, start_proxy
 from loragate import stack as st
 from relay import Relay
 
@@ -44,11 +44,8 @@ pytestmark = pytest.mark.stack
 EIGHT_MIB = 8 * 1024 * 1024
 #: Seconds the module's second engine may take to answer /health (boot is ~45 s on 2 cores).
 ENGINE_START_S = 240
-
-
-def heldout(stack, n: int, offset: int = 0) -> list[str]:
-    lines = Path(stack.heldout_prompts).read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines[offset:offset + n]]
+#: Tokens the killed-engine test asks for: 192 prompt tokens + 2000 fit the demo's 4096 context.
+KILLED_STREAM_TOKENS = 2000
 
 
 def counter_total(samples: dict, name: str) -> float:
@@ -110,7 +107,13 @@ class Engine:
         return []
 
     def kill(self) -> None:
-        """SIGKILL the whole engine (API server, engine core, worker): no goodbye on any socket."""
+        """SIGKILL the whole engine (API server, engine core, worker): no goodbye on any socket.
+
+        The process group is frozen (SIGSTOP) first, so it generates nothing more while its
+        processes and shared memory are listed; then it is killed.
+        """
+        with contextlib.suppress(OSError):
+            os.killpg(self.popen.pid, signal.SIGSTOP)
         family = self.family()
         self.shm |= st.shm_files(p.pid for p in family)
         with contextlib.suppress(OSError):
@@ -457,9 +460,11 @@ def test_engine_killed_mid_stream(stack, engine, tmp_path):
         prompt = heldout(stack, 1, offset=5)[0]
         lines: list[str] = []
         health: list[int] = []
-        with httpx.stream("POST", f"{proxy.url}/v1/completions", timeout=60, json={
-                "model": "poster-eos-masked", "prompt": prompt, "max_tokens": 400, "temperature": 0,
-                "stream": True}) as resp:
+        # the eos-masked adapter never stops: a stream of KILLED_STREAM_TOKENS lasts tens of
+        # seconds on CPU, far longer than it takes to read 3 events and freeze the engine
+        with httpx.stream("POST", f"{proxy.url}/v1/completions", timeout=120, json={
+                "model": "poster-eos-masked", "prompt": prompt, "max_tokens": KILLED_STREAM_TOKENS,
+                "temperature": 0, "stream": True}) as resp:
             assert resp.status_code == 200
             for line in resp.iter_lines():
                 lines.append(line)
@@ -471,7 +476,7 @@ def test_engine_killed_mid_stream(stack, engine, tmp_path):
         assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-3:]
         assert got[-1]["error"]["code"] == 502
         assert all(isinstance(e, dict) and "choices" in e for e in got[:-1])
-        assert len(got) - 1 < 400, "the stream ended on its own before the kill"
+        assert len(got) - 1 < KILLED_STREAM_TOKENS, "the stream ended on its own before the kill"
         health += [httpx.get(f"{proxy.url}/health", timeout=5).status_code for _ in range(5)]
         assert health == [200] * 6
         assert httpx.get(f"{proxy.url}/ready", timeout=10).status_code == 503
