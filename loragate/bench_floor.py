@@ -14,6 +14,13 @@ bench client and the upstream on the same cores):
 Their sum is what any proxy built on these two layers spends per non-streamed request before
 it does any work of its own, so it bounds from below what leaner judging or metrics can reach.
 
+- ``passthrough``: the floor of any asyncio proxy, whatever its HTTP layers. A byte relay on
+  uvloop (:class:`PassthroughDown` / :class:`PassthroughUp`) that frames requests and answers by
+  ``Content-Length`` only, parses nothing else, judges and counts nothing, and keeps one
+  upstream connection per client connection, between the bench client and the bench upstream.
+  CPU of the relay process per request. It exists only for this measurement: it handles no
+  chunked bodies, no streams, no errors.
+
 Run: ``python -m loragate.bench_floor [--requests N] [--concurrency C] [--out FILE]``.
 """
 
@@ -47,6 +54,89 @@ async def null_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": ANSWER})
 
 
+def _framed(buf: bytes) -> int | None:
+    """Length of the first whole HTTP message in ``buf`` (head + Content-Length body), or None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end].lower()
+    at = head.find(b"content-length:")
+    size = 0
+    if at >= 0:
+        eol = head.find(b"\r\n", at)
+        size = int(head[at + 15:eol if eol > 0 else None])
+    total = end + 4 + size
+    return total if len(buf) >= total else None
+
+
+class PassthroughUp(asyncio.Protocol):
+    """The relay's connection to the upstream: each whole answer goes back to its client."""
+
+    def __init__(self, down: "PassthroughDown") -> None:
+        self.down = down
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (size := _framed(self.buf)) is not None:
+            self.down.transport.write(self.buf[:size])
+            self.buf = self.buf[size:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.transport.close()
+
+
+class PassthroughDown(asyncio.Protocol):
+    """A client connection to the relay: each whole request goes to its own upstream connection."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.buf = b""
+        self.pending: list[bytes] = []
+        self.up: PassthroughUp | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        _, up = await asyncio.get_running_loop().create_connection(
+            lambda: PassthroughUp(self), "127.0.0.1", self.upstream_port)
+        self.up = up
+        for request in self.pending:
+            up.transport.write(request)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (size := _framed(self.buf)) is not None:
+            request, self.buf = self.buf[:size], self.buf[size:]
+            if self.up is None:
+                self.pending.append(request)
+            else:
+                self.up.transport.write(request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.close()
+
+
+def serve_passthrough(port: int, upstream_port: int) -> None:
+    import uvloop
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: PassthroughDown(upstream_port), "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
 def serve(port: int) -> None:
     import uvicorn
 
@@ -56,6 +146,7 @@ def serve(port: int) -> None:
 
 
 async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
+    """CPU of process ``pid`` per non-streamed request, the bench client sending to ``url``."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await _run_block(client, url, BODY, concurrency, concurrency)  # warm-up
@@ -100,16 +191,19 @@ async def _client_floor(upstream_url: str, concurrency: int, requests: int) -> f
 
 def measure(concurrency: int, requests: int) -> dict:
     """Both floors, in µs of CPU per request."""
-    up_port, null_port = _free_port(), _free_port()
+    up_port, null_port, relay_port = _free_port(), _free_port(), _free_port()
     procs = [
         subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve", str(null_port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve-passthrough", str(relay_port),
+                          str(up_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
         _wait_http(f"http://127.0.0.1:{up_port}/health")
         _wait_http(f"http://127.0.0.1:{null_port}/health")
+        _wait_http(f"http://127.0.0.1:{relay_port}/health")
         print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
         server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
                                            concurrency, requests))
@@ -120,13 +214,17 @@ def measure(concurrency: int, requests: int) -> dict:
             client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
         except ImportError:
             client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+        print(f"[bench floor] asyncio pass-through relay, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+        passthrough = asyncio.run(_server_floor(f"http://127.0.0.1:{relay_port}/v1/completions", procs[2].pid,
+                                                concurrency, requests))
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
     return {"concurrency": concurrency, "requests": requests, "server_cpu_us_per_request": server,
-            "client_cpu_us_per_request": client, "floor_cpu_us_per_request": server + client}
+            "client_cpu_us_per_request": client, "floor_cpu_us_per_request": server + client,
+            "passthrough_cpu_us_per_request": passthrough}
 
 
 def main() -> None:
@@ -135,9 +233,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the null server itself
+    parser.add_argument("--serve-passthrough", type=int, nargs=2, metavar=("PORT", "UPSTREAM_PORT"),
+                        help=argparse.SUPPRESS)  # the pass-through relay itself
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
+        return
+    if args.serve_passthrough:
+        serve_passthrough(*args.serve_passthrough)
         return
     if args.requests < args.concurrency or args.concurrency < 1:
         parser.error("--requests must be at least --concurrency, and --concurrency at least 1")
@@ -147,7 +250,9 @@ def main() -> None:
     print(f"uvicorn null app:       {r['server_cpu_us_per_request']:6.0f} us CPU per request\n"
           f"aiohttp upstream client: {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
           f"floor (sum):            {r['floor_cpu_us_per_request']:6.0f} us CPU per non-streamed request "
-          f"(proxy target {TARGET_CPU_PER_REQUEST_US:.0f} us)")
+          f"(proxy target {TARGET_CPU_PER_REQUEST_US:.0f} us)\n"
+          f"asyncio pass-through:   {r['passthrough_cpu_us_per_request']:6.0f} us CPU per request "
+          f"(a byte relay: the floor of any asyncio proxy)")
     if args.out:
         args.out.write_text(json.dumps(r, indent=2) + "\n")
 

@@ -114,10 +114,25 @@ def test_floor_benchmark_measures_the_server_and_client_layers_alone(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "uvicorn null app" in run.stdout and "aiohttp upstream client" in run.stdout
+    assert "asyncio pass-through" in run.stdout
     r = json.loads(out.read_text())
     assert r["concurrency"] == 4 and r["requests"] == 600
     assert r["server_cpu_us_per_request"] > 0 and r["client_cpu_us_per_request"] > 0
     assert r["floor_cpu_us_per_request"] == pytest.approx(r["server_cpu_us_per_request"] + r["client_cpu_us_per_request"])
+    assert r["passthrough_cpu_us_per_request"] > 0
     refused = subprocess.run([sys.executable, "-m", "loragate.bench_floor", "--requests", "2", "--concurrency", "4"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--requests must be at least --concurrency" in refused.stderr
+
+
+def test_passthrough_frames_whole_messages_only():
+    from loragate.bench_floor import _framed
+
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    assert _framed(head) is None  # head in, body not yet
+    assert _framed(head + b"abc") is None
+    assert _framed(head + b"abcde") == len(head) + 5
+    assert _framed(head + b"abcdeGET") == len(head) + 5  # the next message's start stays buffered
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _framed(get) == len(get)
+    assert _framed(get[:-2]) is None
