@@ -259,7 +259,8 @@ class ProxyApp:
         gauge.inc()
         try:
             try:
-                body = await asyncio.wait_for(self._read_body(receive), self.config.body_timeout_s)
+                async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
+                    body = await self._read_body(receive)
             except _BodyTooLarge:
                 await self._refuse(send, 413, "body_too_large",
                                    f"request body exceeds {self.config.max_body_bytes} bytes", endpoint)
