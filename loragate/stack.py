@@ -558,6 +558,16 @@ def unlink_unused_shm(paths: set[Path]) -> None:
             path.unlink()
 
 
+def stop_process_groups(pids: list[int], grace_s: float) -> list[int]:
+    """Stop processes each started in a session of its own (``start_new_session=True``): SIGTERM
+    their groups and every descendant, wait ``grace_s``, SIGKILL what is left, then unlink the
+    shared memory they held that no live process uses (a SIGKILLed vLLM leaks it).
+
+    ``grace_s=0`` kills at once. Returns the PIDs that had to be killed with SIGKILL.
+    """
+    return _terminate([_Proc("process", pid, _create_time(pid), "") for pid in pids], grace_s)
+
+
 def _wait_gone(procs: list[Any], timeout_s: float) -> list[Any]:
     """Wait until every process has exited; return those still running after ``timeout_s``.
 

@@ -126,33 +126,14 @@ def _spawn(name: str, cmd: list[str], env: Mapping[str, str], logs: Path) -> Pro
 
 
 def _stop(procs: list[Proc], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every process group, wait, SIGKILL what is left (descendants included), then
-    remove the shared memory they held that nothing else uses (a SIGKILLed vLLM leaks it)."""
-    import psutil
+    """SIGTERM every process group, wait, SIGKILL what is left (descendants included), remove
+    the shared memory they leaked, and reap the processes."""
+    from loragate.stack import stop_process_groups
 
-    from loragate.stack import shm_files, unlink_unused_shm
-
-    family: list[psutil.Process] = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(proc.popen.pid)
-            family += [root, *root.children(recursive=True)]
-    shm = shm_files([p.pid for p in family])
-    for proc in procs:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.popen.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for proc in procs:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    stop_process_groups([proc.popen.pid for proc in procs], grace_s)
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.popen.wait(timeout=5)
-    unlink_unused_shm(shm)
 
 
 def _wait(check, what: str, procs: list[Proc], deadline: float) -> None:

@@ -86,7 +86,6 @@ class Engine:
         self.popen = subprocess.Popen(
             st.vllm_command(plan, self.port), stdin=subprocess.DEVNULL, stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT, env=st.engine_env(tmp), start_new_session=True)
-        self.shm: set[Path] = set()
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + ENGINE_START_S
@@ -95,36 +94,21 @@ class Engine:
                 pytest.fail(f"second engine exited with {self.popen.returncode}:\n{st.log_tail(self.log)}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.shm = st.shm_files(p.pid for p in self.family())
                     return
             time.sleep(0.5)
         pytest.fail(f"second engine not healthy within {ENGINE_START_S} s:\n{st.log_tail(self.log)}")
-
-    def family(self) -> list[psutil.Process]:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        return []
 
     def kill(self) -> None:
         """SIGKILL the whole engine (API server, engine core, worker): no goodbye on any socket.
 
         The process group is frozen (SIGSTOP) first, so it generates nothing more while its
-        processes and shared memory are listed; then it is killed.
+        processes and shared memory are listed; then it is killed at once (no grace).
         """
         with contextlib.suppress(OSError):
             os.killpg(self.popen.pid, signal.SIGSTOP)
-        family = self.family()
-        self.shm |= st.shm_files(p.pid for p in family)
-        with contextlib.suppress(OSError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(family, timeout=10)
+        st.stop_process_groups([self.popen.pid], grace_s=0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        st.unlink_unused_shm(self.shm)  # a SIGKILLed vLLM leaks its shared memory otherwise
 
 
 @pytest.fixture(scope="module", autouse=True)
