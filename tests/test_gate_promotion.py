@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import yaml
 
 from chart_tools import CHART, CPU_VALUES, helm
 from loragate.acceptance.promotion import PromotionError, promote, read_promoted
-from loragate.contracts import Contract, load_contracts
+from loragate.contracts import load_contracts
 from loragate.errors import LoragateError
 
 ROOT = Path(__file__).resolve().parent.parent
