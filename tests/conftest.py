@@ -101,6 +101,16 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
 
 
+def wait_for(check, timeout_s: float = 20.0, every_s: float = 0.1):
+    """Call ``check`` until it returns something truthy or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every_s)
+
+
 def heldout(stack: st.StackInfo, n: int, offset: int = 0) -> list[str]:
     """``n`` of the demo's held-out prompts, from ``offset`` on."""
     lines = Path(stack.heldout_prompts).read_text().splitlines()
@@ -121,6 +131,18 @@ class ProxyProcess:
 
     def scrape(self) -> dict:
         return scrape(self.metrics_url)
+
+    def settled_scrape(self, timeout_s: float = 10.0) -> dict:
+        """The samples once every in-flight gauge is back at 0.
+
+        The proxy counts an answer just after its last byte went to the client (and leaves the
+        in-flight gauge last), so a scrape made right after a client has its answer can come
+        before that answer's counts; this one waits until no request is in flight.
+        """
+        samples = wait_for(lambda: (s := self.scrape()) and all(
+            v == 0 for (n, _), v in s.items() if n == "loragate_requests_in_flight") and s, timeout_s)
+        assert samples, f"in-flight gauges of {self.url} did not return to 0 within {timeout_s:.0f} s"
+        return samples
 
     def stop(self) -> None:
         if self.popen.poll() is None:

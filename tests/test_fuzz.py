@@ -85,7 +85,7 @@ def check_answer(resp: httpx.Response, tally: Tally) -> None:
 
 
 def assert_nothing_lost(proxy: ProxyProcess, before: dict, tally: Tally) -> None:
-    after = proxy.scrape()
+    after = proxy.settled_scrape()
     total = sum(v for (n, _), v in after.items() if n == "loragate_completions_total") - \
         sum(v for (n, _), v in before.items() if n == "loragate_completions_total")
     assert total == tally.finished

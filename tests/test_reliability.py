@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ProxyProcess, delta, heldout, sample, start_proxy
+from conftest import ProxyProcess, delta, heldout, sample, start_proxy, wait_for
 from loragate import stack as st
 from relay import Relay
 
@@ -60,15 +60,6 @@ def events(lines: list[str]) -> list[dict | str]:
             payload = line[6:]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
-
-
-def wait_for(check, timeout_s: float = 20.0, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every_s)
 
 
 # --------------------------------------------------------------------------- the second engine
@@ -173,14 +164,6 @@ def stream_lines(url: str, body: dict, *, timeout: float = 120) -> list[str]:
         return list(resp.iter_lines())
 
 
-def assert_settled(proxy: ProxyProcess) -> dict:
-    """In-flight gauges back at 0 (waited for: the proxy finishes after the client); the samples."""
-    samples = wait_for(lambda: (s := proxy.scrape()) and all(
-        v == 0 for (n, _), v in s.items() if n == "loragate_requests_in_flight") and s, 10)
-    assert samples, "in-flight gauges did not return to 0"
-    return samples
-
-
 # --------------------------------------------------------------------------- upstream faults
 
 
@@ -195,7 +178,7 @@ def test_slow_engine_gets_504_and_is_counted(stack, relayed, relay_reset):
     error = resp.json()["error"]
     assert error["type"] == "upstream_error" and "timeout" in error["message"]
     assert 1.5 < took < 4.0, f"answered after {took:.1f} s; the upstream timeout is 2 s"
-    after = assert_settled(relayed)
+    after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="timeout") == 1
     assert httpx.get(f"{relayed.url}/health").status_code == 200
 
@@ -214,7 +197,7 @@ def test_refused_connections_get_502_and_readiness_follows_the_engine(stack, rel
     assert "connect" in resp.json()["error"]["message"]
     assert models.status_code == 502
     assert ready.status_code == 503 and live == [200] * 5
-    after = assert_settled(relayed)
+    after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="connect") == 1
     # back: ready again, and answering
     assert wait_for(lambda: httpx.get(f"{relayed.url}/ready", timeout=10).status_code == 200, 10)
@@ -233,7 +216,7 @@ def test_engine_5xx_is_passed_through_and_counted(stack, relayed, relay_reset):
     for resp in (whole, streamed):
         assert resp.status_code == 503
         assert resp.json()["error"]["message"] == "injected upstream failure"
-    after = assert_settled(relayed)
+    after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="status_5xx") == 2
     assert delta(before, after, "loragate_requests_total", endpoint="completions", code="5xx") == 2
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
@@ -253,7 +236,7 @@ def test_answer_cut_mid_stream_ends_with_an_error_event(stack, relayed, relay_re
     assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-1]
     assert all("choices" in e for e in got[:-1]) and len(got) >= 2
     assert whole.status_code == 502 and whole.json()["error"]["type"] == "upstream_error"
-    after = assert_settled(relayed)
+    after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
@@ -271,7 +254,7 @@ def test_engine_hanging_mid_stream_ends_the_stream_after_the_read_timeout(stack,
     assert "[DONE]" not in got and len(got) >= 2
     assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-1]
     assert took < 5.5, f"the stream ended after {took:.1f} s; the upstream read timeout is 2 s"
-    after = assert_settled(relayed)
+    after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
@@ -355,7 +338,7 @@ def test_client_faults_get_clear_errors_and_leak_nothing(stack, clientside):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 500\r\n\r\n{\"model\"")
 
-    after = assert_settled(proxy)
+    after = proxy.settled_scrape()
     for reason, n in (("slow_body", 1), ("body_too_large", 1), ("malformed_json", 1), ("unsupported_media_type", 3)):
         assert delta(before, after, "loragate_rejected_requests_total", reason=reason) == n, reason
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
@@ -414,7 +397,7 @@ def test_concurrent_streams_some_cancelled_count_exactly(stack, clientside):
     assert len(finished) == STREAMS - CANCELLED
     wait_for(lambda: delta(before, proxy.scrape(), "loragate_client_disconnects_total",
                            adapter="poster-eos-masked") >= CANCELLED, 30)
-    after = assert_settled(proxy)
+    after = proxy.settled_scrape()
     expected: dict[tuple[str, str], int] = {}
     for adapter, finish in finished:
         expected[(adapter, finish)] = expected.get((adapter, finish), 0) + 1
@@ -467,7 +450,7 @@ def test_engine_killed_mid_stream(stack, engine, tmp_path):
         after_kill = httpx.post(f"{proxy.url}/v1/completions", timeout=30,
                                 json={"model": "poster-eos-masked", "prompt": "x", "max_tokens": 2})
         assert after_kill.status_code == 502 and after_kill.json()["error"]["type"] == "upstream_error"
-        samples = assert_settled(proxy)
+        samples = proxy.settled_scrape()
         assert sample(samples, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
         assert sample(samples, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="connect") == 1
         assert sample(samples, "loragate_requests_total", endpoint="completions", code="5xx") == 2
