@@ -39,6 +39,7 @@ import httpx
 
 from loragate import settings
 from loragate.errors import LoragateError
+from loragate.stack import free_port
 
 #: Targets the benchmark reports against (issue: proxy overhead at concurrency 16).
 TARGET_ADDED_P50_MS = 1.0
@@ -167,14 +168,6 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
     return result
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -230,7 +223,7 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     contracts.write_text(
         f"base_model: bench-base\nadapters:\n  {MODEL}:\n    output: json\n    max_tokens: 64\n"
     )
-    up_port, proxy_port = _free_port(), _free_port()
+    up_port, proxy_port = free_port(), free_port()
     procs = []
     try:
         procs.append(subprocess.Popen(

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import httpx
 
-from loragate.bench import _cpu_seconds, _free_port, _run_block, _wait_http
+from loragate.bench import _cpu_seconds, _run_block, _wait_http
 from loragate.bench_upstream import MODEL, _completion_body
+from loragate.stack import free_port
 
 BODY = {"model": MODEL, "prompt": "bench", "max_tokens": 16, "stream": False}
 ANSWER = _completion_body(False, 8, 16)
@@ -191,7 +192,7 @@ async def _client_floor(upstream_url: str, concurrency: int, requests: int) -> f
 
 def measure(concurrency: int, requests: int) -> dict:
     """Both floors, in µs of CPU per request."""
-    up_port, null_port, relay_port = _free_port(), _free_port(), _free_port()
+    up_port, null_port, relay_port = free_port(), free_port(), free_port()
     procs = [
         subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),

@@ -73,7 +73,6 @@ def interruptible() -> None:
 
 import json  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -154,18 +153,12 @@ class ProxyProcess:
                 self.popen.wait(5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_proxy(upstream: str, tmp: Path, *, contracts: Path | None = None,
                 env: dict[str, str] | None = None, config: dict | None = None) -> ProxyProcess:
     """Start ``loragate proxy`` on a free port and wait for its ``/health``."""
     import yaml
 
-    port = _free_port()
+    port = st.free_port()
     cmd = [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", upstream,
            "--host", "127.0.0.1", "--port", str(port)]
     if contracts is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from loragate.acceptance import report as rep
 from loragate.acceptance.gate import GateOptions, run_gate
 from loragate.demo.artifacts import current_build
 from loragate.errors import GateError
+from loragate.stack import free_port
 from conftest import interruptible
 from relay import Relay
 
@@ -99,12 +99,6 @@ def run_cli(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 def report_of(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- through the CLI

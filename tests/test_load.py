@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from loragate.cli import main as loragate_main
 from loragate.contracts import load_contracts
 from loragate.loadtest.prompts import load_prompts
 from loragate.loadtest.runner import COUNTER_BREACH, LoadResult, run_load
+from loragate.stack import free_port
 
 pytestmark = pytest.mark.stack
 
@@ -141,12 +141,6 @@ def test_cli_errors_are_clear(stack, capsys) -> None:
     assert code == 2 and "prompts file not found" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_locustfile_headless_without_adapter_exits_2(stack, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LORAGATE_LOAD_"))}
     proc = subprocess.run(
@@ -160,7 +154,7 @@ def test_locustfile_headless_without_adapter_exits_2(stack, tmp_path) -> None:
 def test_web_ui_mode_for_an_operator(stack) -> None:
     """``locust -f loadtest/locustfile.py`` from the repository root: the web UI answers, a
     swarm started from it streams completions, and /loragate shows the project's summary."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LORAGATE_LOAD_"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--host", stack.proxy_url,
@@ -208,7 +202,7 @@ def test_unreachable_endpoint_fails_closed(tmp_path) -> None:
     from loragate.contracts import Contract
 
     contract = Contract(name=ADAPTER, path=tmp_path, base_model="b", max_tokens=8)
-    result = run_load(f"http://127.0.0.1:{_free_port()}", ADAPTER, contract, ["hello"], users=1,
+    result = run_load(f"http://127.0.0.1:{free_port()}", ADAPTER, contract, ["hello"], users=1,
                       spawn_rate=1, duration_s=2)
     m = result.metrics
     assert m["requests"] >= 1 and m["completed"] == 0 and m["error_rate"] == 1.0

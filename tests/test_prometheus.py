@@ -15,9 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from conftest import _free_port, heldout, start_proxy
+from conftest import heldout, start_proxy
 from loragate.contracts import Thresholds, load_contracts
 from loragate.server.judging import judge_completion
+from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "charts" / "loragate" / "files" / "prometheus-rules.yaml"
@@ -73,7 +74,7 @@ def scraped_proxy(stack, tmp_path):
 @pytest.fixture
 def prometheus(scraped_proxy, tmp_path):
     """A real Prometheus server scraping ``scraped_proxy`` every second, with the chart's rules loaded."""
-    port = _free_port()
+    port = free_port()
     target = scraped_proxy.url.removeprefix("http://")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
