@@ -18,6 +18,10 @@ Faults apply to the paths where the engine generates (completions, chat completi
 - ``refuse()``: stop listening and drop every open connection, so connections are refused,
   until ``resume()``.
 
+A chunk of a streamed answer is one server-sent event, whatever reads the engine's bytes
+arrived in (a busy engine can put a whole short stream in one read); of any other answer, one
+read.
+
 Every request is recorded in ``requests`` as :class:`Recorded` (method, path, JSON body or
 ``None``); ``completion_bodies()`` gives the JSON bodies sent to ``/v1/completions``.
 """
@@ -157,6 +161,24 @@ class Relay:
         finally:
             self._transports.discard(transport)
 
+    @staticmethod
+    async def _pieces(upstream: aiohttp.ClientResponse):
+        """The answer's body as it comes: one server-sent event at a time for a stream (so
+        "after N chunks" means after N events, however the engine's writes were cut into
+        reads), else as read."""
+        if not upstream.content_type == "text/event-stream":
+            async for chunk in upstream.content.iter_any():
+                yield chunk
+            return
+        buffer = b""
+        async for chunk in upstream.content.iter_any():
+            buffer += chunk
+            while (cut := buffer.find(b"\n\n")) >= 0:
+                yield buffer[:cut + 2]
+                buffer = buffer[cut + 2:]
+        if buffer:
+            yield buffer
+
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
@@ -179,7 +201,7 @@ class Relay:
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await out.prepare(request)
             sent = 0
-            async for chunk in upstream.content.iter_any():
+            async for chunk in self._pieces(upstream):
                 if completion and self.cut_after_chunks is not None and sent >= self.cut_after_chunks:
                     assert request.transport is not None
                     request.transport.abort()  # the engine "dies": no terminating chunk, no [DONE]
