@@ -1,7 +1,8 @@
 """The floor under the proxy's CPU per request: what its two HTTP layers cost with no proxy on top.
 
 The proxy is an ASGI app served by uvicorn (httptools, uvloop) that forwards each request with
-an aiohttp client (:class:`loragate.server.upstream.Upstream`). This measures each layer alone,
+its own pooled client (:class:`loragate.server.upstream.Upstream`, an asyncio protocol with
+httptools). This measures each layer alone,
 the way ``loragate bench proxy`` measures the proxy (CPU from the process's own counters, the
 bench client and the upstream on the same cores):
 
@@ -141,9 +142,10 @@ def serve_passthrough(port: int, upstream_port: int) -> None:
 def serve(port: int) -> None:
     import uvicorn
 
-    # the proxy's own uvicorn settings (loragate/server/cli.py), lifespan aside
-    uvicorn.run(null_app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                lifespan="off", server_header=False)
+    from loragate.server.serving import UVICORN_SETTINGS
+
+    # the proxy's own uvicorn settings, lifespan aside
+    uvicorn.run(null_app, host="127.0.0.1", port=port, lifespan="off", **UVICORN_SETTINGS)
 
 
 async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
@@ -208,7 +210,7 @@ def measure(concurrency: int, requests: int) -> dict:
         print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
         server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
                                            concurrency, requests))
-        print(f"[bench floor] aiohttp upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+        print(f"[bench floor] upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
         try:
             import uvloop
 
@@ -249,7 +251,7 @@ def main() -> None:
 
     r = measure(args.concurrency, args.requests)
     print(f"uvicorn null app:       {r['server_cpu_us_per_request']:6.0f} us CPU per request\n"
-          f"aiohttp upstream client: {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
+          f"upstream client:         {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
           f"floor (sum):            {r['floor_cpu_us_per_request']:6.0f} us CPU per non-streamed request "
           f"(proxy target {TARGET_CPU_PER_REQUEST_US:.0f} us)\n"
           f"asyncio pass-through:   {r['passthrough_cpu_us_per_request']:6.0f} us CPU per request "

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loragate.server.app import ProxyApp
+    from loragate.server.serving import UVICORN_SETTINGS
 
     config = load_config(args.config, upstream=args.upstream, contracts=args.contracts,
                          host=args.host, port=args.port)
@@ -71,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
         "contracts": str(config.contracts) if config.contracts else None,
         "auth": bool(config.api_keys), "admin_endpoints": bool(config.admin_key),
     }))
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+    uvicorn.run(app, host=config.host, port=config.port, lifespan="on", timeout_graceful_shutdown=5,
+                **UVICORN_SETTINGS)
     return 0

@@ -1,0 +1,114 @@
+"""The proxy's serving layer (loragate.server.serving): writes of one loop turn leave together."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from loragate.server.serving import UVICORN_SETTINGS, CorkedTransport
+from loragate.stack import free_port
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.events: list[str] = []
+        self.closing = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.events.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.events.append("abort")
+        self.closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 1)}.get(name, default)
+
+
+def test_writes_of_one_turn_leave_in_one_write_and_later_ones_in_the_next():
+    async def main():
+        raw = RecordingTransport()
+        corked = CorkedTransport(raw, asyncio.get_running_loop())
+        corked.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        corked.write(b"")
+        corked.writelines([b"{", b"}"])
+        assert raw.writes == [] and corked.get_write_buffer_size() == 7 + 21
+        await asyncio.sleep(0)
+        assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+        corked.write(b"data: 1\n\n")
+        await asyncio.sleep(0)
+        corked.write(b"data: 2\n\n")
+        await asyncio.sleep(0)
+        assert raw.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n"]
+        assert corked.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+
+    asyncio.run(main())
+
+
+def test_close_sends_what_is_held_first_and_abort_drops_it():
+    async def main():
+        raw = RecordingTransport()
+        corked = CorkedTransport(raw, asyncio.get_running_loop())
+        corked.write(b"last words")
+        corked.close()
+        assert raw.writes == [b"last words"] and raw.events == ["close"]
+        await asyncio.sleep(0)
+        assert raw.writes == [b"last words"]  # the scheduled flush finds nothing more
+
+        raw = RecordingTransport()
+        corked = CorkedTransport(raw, asyncio.get_running_loop())
+        corked.write(b"never sent")
+        corked.abort()
+        await asyncio.sleep(0)
+        assert raw.writes == [] and raw.events == ["abort"]
+
+    asyncio.run(main())
+
+
+def test_a_served_answer_reaches_the_client_in_one_segment(tmp_path):
+    """Through real uvicorn with the proxy's settings: head and body of a small answer arrive
+    together, and keep-alive and a second request on the same connection still work."""
+    import threading
+
+    import uvicorn
+
+    body = b'{"ok": true}'
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", **UVICORN_SETTINGS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for _ in range(2):
+                sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                first = sock.recv(65536)
+                assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + body), first
+                assert b"server:" not in first.lower()
+    finally:
+        server.should_exit = True
+        thread.join(10)
