@@ -17,7 +17,8 @@ Counting rules (so counters are exact under concurrency): a choice is counted on
 its answer is complete (non-streamed) or its stream has ended with a ``finish_reason``;
 counters are updated in one synchronous step with no ``await`` in between. A client that
 goes away mid-stream cancels the upstream request and is counted as a disconnect, never as a
-completion; an upstream that breaks mid-stream is an upstream error, and the client gets an
+completion (a client that closes as soon as it has read ``data: [DONE]``, as the OpenAI SDK
+does, had the whole answer: its stream counts as complete); an upstream that breaks mid-stream is an upstream error, and the client gets an
 OpenAI-style error event before the stream closes.
 """
 
@@ -115,6 +116,10 @@ class _ClientGone(Exception):
     pass
 
 
+class _SlowBody(Exception):
+    pass
+
+
 @dataclass
 class _Exchange:
     """What one judged request has shown so far."""
@@ -146,9 +151,11 @@ class ProxyApp:
         self._api_keys = tuple(k.encode() for k in config.api_keys)
         self._admin_key = config.admin_key.encode()
         self._background: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
         self.names = AdapterNames(self._contracts, self.upstream)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
@@ -224,6 +231,34 @@ class ProxyApp:
         await self._respond(send, 200 if ok else 503,
                             b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
 
+    async def _read_body_in_time(self, receive: Receive) -> bytes:
+        """The request body, or :class:`_SlowBody` when it has not all come within
+        ``body_timeout_s``.
+
+        What ``asyncio.timeout`` does, without its three lookups of the running loop (each a
+        ``getpid`` system call on Python 3.11: 4 % of the proxy's CPU per request in a profile):
+        one timer that cancels this task, told apart from any other cancellation.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_at(loop.time() + self.config.body_timeout_s, expire)
+        try:
+            return await self._read_body(receive)
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:  # our own cancellation, and no other
+                raise _SlowBody from None
+            raise
+        finally:
+            timer.cancel()
+
     async def _read_body(self, receive: Receive) -> bytes:
         chunks, size = [], 0
         limit = self.config.max_body_bytes
@@ -259,13 +294,12 @@ class ProxyApp:
         gauge.inc()
         try:
             try:
-                async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
-                    body = await self._read_body(receive)
+                body = await self._read_body_in_time(receive)
             except _BodyTooLarge:
                 await self._refuse(send, 413, "body_too_large",
                                    f"request body exceeds {self.config.max_body_bytes} bytes", endpoint)
                 return
-            except asyncio.TimeoutError:
+            except _SlowBody:
                 await self._refuse(send, 408, "slow_body",
                                    f"request body not received within {self.config.body_timeout_s:.0f}s", endpoint)
                 return
@@ -349,7 +383,11 @@ class ProxyApp:
 
     async def _judged(self, scope: Scope, receive: Receive, send: Send, endpoint: str, body: bytes) -> None:
         ex = _Exchange(endpoint=endpoint, started=time.perf_counter())
-        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        content_type = b""
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+                break
         if not content_type.split(b";")[0].strip().lower() == b"application/json":
             await self._refuse(send, 415, "unsupported_media_type", "Content-Type must be application/json", endpoint)
             return
@@ -440,6 +478,8 @@ class ProxyApp:
             await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
             async for chunk in resp.iter_chunks():
                 if gone.is_set():
+                    if tally.done:
+                        break  # the client left after [DONE]: it has the whole answer
                     raise _ClientGone
                 out = tally.feed(chunk)
                 if tally.model is not None and not model_seen:
@@ -455,7 +495,7 @@ class ProxyApp:
             rest = tally.rest()
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-            if gone.is_set():
+            if gone.is_set() and not tally.done:
                 raise _ClientGone
         except _ClientGone:
             self.metrics.client_disconnects.labels(ex.adapter).inc()

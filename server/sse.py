@@ -42,6 +42,8 @@ class StreamTally:
         self.model: str | None = None
         #: Whether any choice has produced text yet (the first token has arrived).
         self.has_output = False
+        #: Whether the ``data: [DONE]`` event has been read: the client has the whole answer.
+        self.done = False
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -74,6 +76,8 @@ class StreamTally:
     def _read(self, event: bytes) -> bool:
         """Read one event; returns whether to forward it."""
         if not event.startswith(b"data: {"):
+            if event.startswith(b"data: [DONE]"):
+                self.done = True
             return True
         try:
             data = json.loads(event[6:])

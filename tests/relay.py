@@ -15,6 +15,8 @@ Faults apply to the paths where the engine generates (completions, chat completi
 - ``stall_after_chunks`` and ``stall_s``: forward this many body chunks of a completion
   response, then send nothing for ``stall_s`` seconds before going on (an engine that hangs
   mid-stream);
+- ``hold_end_s``: after the last body chunk of a completion response, wait this long before
+  ending it (an engine whose end of the body comes after its last event);
 - ``refuse()``: stop listening and drop every open connection, so connections are refused,
   until ``resume()``.
 
@@ -60,6 +62,7 @@ class Relay:
         self.cut_after_chunks: int | None = None
         self.stall_after_chunks: int | None = None
         self.stall_s = 0.0
+        self.hold_end_s = 0.0
         self._lock = threading.Lock()
         self._down = False
         self._transports: set[asyncio.BaseTransport] = set()
@@ -210,5 +213,7 @@ class Relay:
                     await asyncio.sleep(self.stall_s)
                 await out.write(chunk)
                 sent += 1
+            if completion and self.hold_end_s:
+                await asyncio.sleep(self.hold_end_s)
             await out.write_eof()
             return out

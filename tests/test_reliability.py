@@ -125,7 +125,7 @@ def relay(stack) -> Iterator[Relay]:
 def relay_reset(relay: Relay) -> Iterator[Relay]:
     def clear() -> None:
         relay.delay_s, relay.fail_status, relay.cut_after_chunks = 0.0, None, None
-        relay.stall_after_chunks, relay.stall_s = None, 0.0
+        relay.stall_after_chunks, relay.stall_s, relay.hold_end_s = None, 0.0, 0.0
 
     clear()
     try:
@@ -257,6 +257,30 @@ def test_engine_hanging_mid_stream_ends_the_stream_after_the_read_timeout(stack,
     after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
+
+
+def test_client_closing_right_after_done_had_the_whole_answer(stack, relayed, relay_reset):
+    """The OpenAI SDK closes its connection as soon as it reads ``data: [DONE]``; the engine's end
+    of the body can come later. That stream is a completion, not a client disconnect."""
+    prompt = heldout(stack, 1, offset=2)[0]
+    before = relayed.scrape()
+    relay_reset.hold_end_s = 1.0  # under the relayed proxy's 2 s read timeout
+    lines = []
+    with httpx.stream("POST", f"{relayed.url}/v1/completions", timeout=60, json={
+            "model": "poster-good", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            lines.append(line)
+            if line == "data: [DONE]":
+                break  # leaves the block with the body unfinished: httpx closes the connection
+    got = events(lines)
+    assert got[-1] == "[DONE]"
+    finish = [c["finish_reason"] for e in got[:-1] for c in e["choices"] if c.get("finish_reason")]
+    assert len(finish) == 1
+    after = relayed.settled_scrape()
+    assert delta(before, after, "loragate_completions_total", adapter="poster-good", finish_reason=finish[0]) == 1
+    assert delta(before, after, "loragate_client_disconnects_total", adapter="poster-good") == 0
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="2xx") == 1
 
 
 # --------------------------------------------------------------------------- client faults
