@@ -174,6 +174,9 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self.complete or self._error is not None:
             return
+        if self._paused:  # the consumer is behind, not the engine: wait for it
+            self._timer = self.loop.call_at(self.loop.time() + self._timeout_s, self._check_timeout)
+            return
         due = self._last_data + self._timeout_s
         if self.loop.time() >= due:
             self._fail(UpstreamTimeout(f"no answer from the engine within {self._timeout_s:g}s"))
@@ -218,7 +221,9 @@ class _Connection(asyncio.Protocol):
                 self._buffered = 0
                 if self._paused:
                     self._paused = False
-                    self.transport.resume_reading()
+                    self._last_data = self.loop.time()  # the wait for the engine starts again
+                    if not self.closed:
+                        self.transport.resume_reading()
                 return chunk
             if self._error is not None:
                 raise self._error

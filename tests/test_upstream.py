@@ -294,3 +294,32 @@ def test_only_http_and_https_urls_are_accepted():
         await Upstream("https://engine:8443/prefix", read_timeout_s=1).close()
 
     asyncio.run(test())
+
+
+def test_a_slow_reader_is_not_an_engine_timeout():
+    """Reading paused because the consumer is behind is not the engine going quiet: the read
+    timeout counts only while the client is ready for more."""
+    total = 8 * 1024 * 1024
+
+    async def handler(reader, writer, state):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        piece = b"y" * 65536
+        for _ in range(total // len(piece)):
+            writer.write(piece)
+            await writer.drain()
+        await reader.read()
+
+    async def test(url, state):
+        up = Upstream(url, read_timeout_s=0.5)
+        resp = await up.send("GET", "/big", [], b"")
+        chunks = resp.iter_chunks()
+        got = len(await chunks.__anext__())
+        await asyncio.sleep(1.5)  # three read timeouts, with the client's buffer full
+        async for chunk in chunks:
+            got += len(chunk)
+        assert got == total
+        resp.close()
+        await up.close()
+
+    serve(handler, test)
