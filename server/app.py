@@ -18,8 +18,9 @@ its answer is complete (non-streamed) or its stream has ended with a ``finish_re
 counters are updated in one synchronous step with no ``await`` in between. A client that
 goes away mid-stream cancels the upstream request and is counted as a disconnect, never as a
 completion (a client that closes as soon as it has read ``data: [DONE]``, as the OpenAI SDK
-does, had the whole answer: its stream counts as complete); an upstream that breaks mid-stream is an upstream error, and the client gets an
-OpenAI-style error event before the stream closes.
+does, had the whole answer: its stream counts as complete); an upstream that breaks
+mid-stream is an upstream error, and the client gets an OpenAI-style error event before the
+stream closes.
 """
 
 from __future__ import annotations
