@@ -340,12 +340,10 @@ class Upstream:
         await self._slots.acquire()
         conn = None
         try:
-            if timeout_s is None:
-                conn = await self._connection(self._connect_timeout_s)
-                status = await conn.start(request, method == "HEAD", self._read_timeout_s)
-            else:
-                conn = await self._connection(min(timeout_s, self._connect_timeout_s))
-                status = await conn.start(request, method == "HEAD", timeout_s)
+            conn = await self._connection(
+                self._connect_timeout_s if timeout_s is None else min(timeout_s, self._connect_timeout_s))
+            status = await conn.start(request, method == "HEAD",
+                                      self._read_timeout_s if timeout_s is None else timeout_s)
         except BaseException:
             if conn is not None:
                 conn.abort()
