@@ -7,7 +7,11 @@ and ``vllm/benchmarks/serve.py``), so the numbers compare with it and with guide
 - **TTFT** (time to first token): arrival of the first streamed chunk whose ``choices`` is
   non-empty, minus the send time. The trailing usage chunk (``choices: []``) is no token.
 - **ITL** (inter-token latency): every gap between two consecutive chunks with non-empty
-  ``choices``, pooled over all requests (a request of n such chunks gives n - 1 gaps).
+  ``choices``, pooled over all requests (a request of n such chunks gives n - 1 gaps). A chunk
+  is timed when the read that completes it arrives, so chunks that arrive in one read (a burst:
+  the engine or a proxy was behind and its writes coalesced) have a gap of exactly 0, where
+  ``vllm bench serve`` stamps each parsed message and records microseconds of its own parsing.
+  On a busy CPU host half the gaps can be bursts (a p50 of 0) straight from vLLM as well.
 - **e2e** (end-to-end latency): arrival of the last chunk with non-empty ``choices`` minus the
   send time.
 - **TPOT** (time per output token, first token excluded): ``(e2e - TTFT) / (output tokens - 1)``,

@@ -50,9 +50,13 @@ def load_run(stack, own_proxy, tmp_path_factory) -> tuple[LoadResult, Path]:
 def test_every_metric_measured_and_counters_match(stack, load_run) -> None:
     result, _ = load_run
     m = result.metrics
-    for key in ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot_mean_ms", "e2e_p50_ms",
+    for key in ("ttft_p50_ms", "ttft_p95_ms", "itl_p95_ms", "tpot_mean_ms", "e2e_p50_ms",
                 "e2e_p95_ms", "output_tokens_per_s", "request_throughput", "goodput", "stop_share"):
         assert m[key] is not None and m[key] > 0, (key, m)
+    # chunks that arrive in one read are a burst with gap 0; on 2 busy cores vLLM itself sends
+    # half its chunks in bursts at times (seen directly, without the proxy), so the ITL median may be
+    # 0, but it is measured, and no more than the p95
+    assert m["itl_p50_ms"] is not None and 0 <= m["itl_p50_ms"] <= m["itl_p95_ms"], m
     assert m["completed"] >= 8 and m["failed"] == 0 and m["error_rate"] == 0.0
     assert m["ttft_p50_ms"] <= m["ttft_p95_ms"] <= m["e2e_p95_ms"]
     assert m["itl_samples"] > m["completed"]  # many gaps per request
