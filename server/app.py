@@ -19,7 +19,8 @@ counters are updated in one synchronous step with no ``await`` in between. A cli
 goes away mid-stream cancels the upstream request and is counted as a disconnect, never as a
 completion (a client that closes as soon as it has read ``data: [DONE]``, as the OpenAI SDK
 does, had the whole answer: its stream counts as complete); an upstream that breaks
-mid-stream is an upstream error, and the client gets an OpenAI-style error event before the
+mid-stream, or ends its stream before every choice has a ``finish_reason`` and without
+``[DONE]``, is an upstream error, and the client gets an OpenAI-style error event before the
 stream closes.
 """
 
@@ -41,7 +42,7 @@ from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
 from loragate.server.metrics import ProxyMetrics
 from loragate.server.sse import StreamTally
-from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
+from loragate.server.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("loragate.proxy")
 access_log = logging.getLogger("loragate.proxy.requests")
@@ -498,6 +499,8 @@ class ProxyApp:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
             if gone.is_set() and not tally.done:
                 raise _ClientGone
+            if not tally.complete and not tally.done:  # ended in good order, but short of the end
+                raise UpstreamBroken("the engine ended the stream before a finish_reason or [DONE]")
         except _ClientGone:
             self.metrics.client_disconnects.labels(ex.adapter).inc()
             self.metrics.requests.labels(ex.endpoint, "4xx").inc()

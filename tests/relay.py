@@ -12,6 +12,9 @@ Faults apply to the paths where the engine generates (completions, chat completi
   body instead of forwarding them (an engine returning 5xx);
 - ``cut_after_chunks``: forward this many body chunks of a completion response, then drop the
   connection without finishing it (an engine that dies mid-stream);
+- ``end_after_chunks``: forward this many body chunks of a completion response, then end it
+  cleanly (terminating chunk, connection kept): a stream that stops early without a
+  ``finish_reason`` or ``[DONE]``, as an engine or an intermediary that gives up politely does;
 - ``stall_after_chunks`` and ``stall_s``: forward this many body chunks of a completion
   response, then send nothing for ``stall_s`` seconds before going on (an engine that hangs
   mid-stream);
@@ -60,6 +63,7 @@ class Relay:
         self.delay_s = 0.0
         self.fail_status: int | None = None
         self.cut_after_chunks: int | None = None
+        self.end_after_chunks: int | None = None
         self.stall_after_chunks: int | None = None
         self.stall_s = 0.0
         self.hold_end_s = 0.0
@@ -209,6 +213,8 @@ class Relay:
                     assert request.transport is not None
                     request.transport.abort()  # the engine "dies": no terminating chunk, no [DONE]
                     return out
+                if completion and self.end_after_chunks is not None and sent >= self.end_after_chunks:
+                    break
                 if completion and self.stall_after_chunks is not None and sent == self.stall_after_chunks:
                     await asyncio.sleep(self.stall_s)
                 await out.write(chunk)

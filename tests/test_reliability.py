@@ -124,7 +124,7 @@ def relay(stack) -> Iterator[Relay]:
 @pytest.fixture
 def relay_reset(relay: Relay) -> Iterator[Relay]:
     def clear() -> None:
-        relay.delay_s, relay.fail_status, relay.cut_after_chunks = 0.0, None, None
+        relay.delay_s, relay.fail_status, relay.cut_after_chunks, relay.end_after_chunks = 0.0, None, None, None
         relay.stall_after_chunks, relay.stall_s, relay.hold_end_s = None, 0.0, 0.0
 
     clear()
@@ -239,6 +239,24 @@ def test_answer_cut_mid_stream_ends_with_an_error_event(stack, relayed, relay_re
     after = relayed.settled_scrape()
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
     assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-good", kind="stream_broken") == 1
+    assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
+
+
+def test_stream_ended_early_but_cleanly_ends_with_an_error_event(stack, relayed, relay_reset):
+    """The engine's body ends in good order, but before any finish_reason or [DONE]: the client
+    must learn that its answer is incomplete, as when the connection breaks."""
+    prompt = heldout(stack, 1, offset=2)[0]
+    before = relayed.scrape()
+    relay_reset.end_after_chunks = 3
+    lines = stream_lines(relayed.url, {"model": "poster-eos-masked", "prompt": prompt, "max_tokens": 200,
+                                       "temperature": 0, "stream": True})
+    got = events(lines)
+    assert "[DONE]" not in got and len(got) == 4, got
+    assert all("choices" in e and e["choices"][0]["finish_reason"] is None for e in got[:-1])
+    assert isinstance(got[-1], dict) and got[-1]["error"]["type"] == "upstream_error", got[-1]
+    after = relayed.settled_scrape()
+    assert delta(before, after, "loragate_upstream_errors_total", adapter="poster-eos-masked", kind="stream_broken") == 1
+    assert delta(before, after, "loragate_requests_total", endpoint="completions", code="5xx") == 1
     assert counter_total(after, "loragate_completions_total") == counter_total(before, "loragate_completions_total")
 
 
