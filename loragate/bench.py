@@ -61,6 +61,41 @@ class Block:
     wall_s: float = 0.0
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> dict:
+    """The median of per-round values and a distribution-free interval for it.
+
+    The interval is the order statistics ``[x(k), x(n-k+1)]`` with the largest ``k`` whose
+    coverage (from the binomial distribution with p = 1/2) is at least ``confidence``; it
+    assumes nothing about the rounds' distribution, only that they are independent. Fewer
+    than 6 rounds give no interval at 95 % (``low`` and ``high`` are ``None``).
+    """
+    from math import comb
+
+    n = len(values)
+    ordered = sorted(values)
+    out: dict = {"n": n, "median": _percentile(ordered, 0.5) if n else None, "low": None, "high": None,
+                 "coverage": None}
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail_next = tail + comb(n, k) / 2 ** n  # P(X <= k), X ~ Bin(n, 1/2)
+        if 1 - 2 * tail_next < confidence:
+            break
+        tail, k = tail_next, k + 1
+    if k:
+        out.update(low=ordered[k - 1], high=ordered[n - k], coverage=1 - 2 * tail)
+    return out
+
+
+def against_target(interval: dict, target: float, higher_is_better: bool) -> str:
+    """``met``, ``missed`` or ``not shown``: whether the whole interval lies on one side."""
+    lo, hi = interval.get("low"), interval.get("high")
+    if lo is None or hi is None:
+        return "not shown (too few rounds for an interval)"
+    good = lo >= target if higher_is_better else hi <= target
+    bad = hi < target if higher_is_better else lo > target
+    return "met" if good else "missed" if bad else "not shown (the interval spans the target)"
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -159,12 +194,15 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         await _run_block(client, direct_url, body, concurrency, concurrency)  # warm-up, both sides
         await _run_block(client, proxy_url, body, concurrency, concurrency)
-        direct, proxied, cpu = [], [], 0.0
+        direct, proxied, cpu, cpu_by_round = [], [], 0.0, []
         for _ in range(rounds):
             direct.append(await _run_block(client, direct_url, body, concurrency, requests))
             before = _cpu_seconds(proxy_pid) if proxy_pid else 0.0
             proxied.append(await _run_block(client, proxy_url, body, concurrency, requests))
-            cpu += (_cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
+            if proxy_pid:
+                spent = _cpu_seconds(proxy_pid) - before
+                cpu += spent
+                cpu_by_round.append(spent / max(1, len(proxied[-1].latencies_s)) * 1e6)
     d, p = _merge(direct), _merge(proxied)
     n = len(p.latencies_s)
     result = {
@@ -179,6 +217,8 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         "added_p99_ms": (_percentile(p.latencies_s, 0.99) - _percentile(d.latencies_s, 0.99)) * 1e3,
         "requests_per_s_ratio": (n / p.wall_s) / (len(d.latencies_s) / d.wall_s),
         "proxy_cpu_us_per_request": cpu / n * 1e6 if proxy_pid else None,
+        "rounds": rounds,
+        "proxy_cpu_us_per_request_by_round": cpu_by_round,
     }
     if body.get("stream"):
         chunks_per_request = p.chunks / max(1, n)
@@ -190,6 +230,12 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         result["direct_tokens_per_s"] = d.tokens / d.wall_s
         result["proxy_tokens_per_s"] = p.tokens / p.wall_s
         result["tokens_per_s_ratio"] = result["proxy_tokens_per_s"] / result["direct_tokens_per_s"]
+        # each proxied block against the direct block just before it: drift between rounds falls
+        # on both sides of a pair, so the spread of the pairs' ratios is the measurement's noise
+        by_round = [(pb.tokens / pb.wall_s) / (db.tokens / db.wall_s)
+                    for db, pb in zip(direct, proxied) if db.tokens and pb.tokens]
+        result["tokens_per_s_ratio_by_round"] = by_round
+        result["tokens_per_s_ratio_rounds"] = median_interval(by_round)
     return result
 
 
@@ -333,6 +379,10 @@ def bench_verdict(adapter: str) -> dict:
             "phases_s": report.get("timings", {}), "report_dir": str(report_dir)}
 
 
+def _rounds(n: int) -> str:
+    return f"{n} round" if n == 1 else f"{n} rounds"
+
+
 def _fmt(v, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -351,6 +401,15 @@ def print_tables(result: dict) -> None:
         for c in result.get("proxy_chunk_cost") or []:
             print(f"CPU per chunk at concurrency {c['concurrency']} (streams of {c['chunks_long']:.0f} vs "
                   f"{c['chunks_short']:.0f} chunks): {c['cpu_us_per_chunk_marginal']:.1f} us")
+        for r in result["proxy"]:
+            iv = median_interval(r.get("proxy_cpu_us_per_request_by_round") or [])
+            if r["stream"] or not iv["n"]:
+                continue
+            spread = (f", {iv['coverage']:.0%} interval {iv['low']:.0f} - {iv['high']:.0f}"
+                      if iv["low"] is not None else "")
+            print(f"CPU per non-streamed request at concurrency {r['concurrency']}, {_rounds(iv['n'])}: median "
+                  f"{iv['median']:.0f} us{spread}; target "
+                  f"{against_target(iv, TARGET_CPU_PER_REQUEST_US, higher_is_better=False)}")
         print(f"targets at concurrency 16: added p50 <= {TARGET_ADDED_P50_MS} ms, p99 <= {TARGET_ADDED_P99_MS} ms; "
               f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
     if result.get("stack"):
@@ -359,6 +418,13 @@ def print_tables(result: dict) -> None:
               f"direct {_fmt(r.get('direct_tokens_per_s'), '.1f')} tok/s, via proxy "
               f"{_fmt(r.get('proxy_tokens_per_s'), '.1f')} tok/s, ratio {_fmt(r.get('tokens_per_s_ratio'), '.3f')} "
               f"(target >= {TARGET_STACK_TOKENS_RATIO}); added p50 {_fmt(r['added_p50_ms'])} ms")
+        iv = r.get("tokens_per_s_ratio_rounds")
+        if iv and iv["n"]:
+            spread = (f", {iv['coverage']:.0%} interval {_fmt(iv['low'], '.3f')} - {_fmt(iv['high'], '.3f')}"
+                      if iv["low"] is not None else "")
+            print(f"  ratio per round (proxied block / the direct block before it), {_rounds(iv['n'])}: median "
+                  f"{_fmt(iv['median'], '.3f')}{spread}; target "
+                  f"{against_target(iv, TARGET_STACK_TOKENS_RATIO, higher_is_better=True)}")
     if result.get("verdict"):
         r = result["verdict"]
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["phases_s"].items() if isinstance(v, (int, float)))

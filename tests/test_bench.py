@@ -22,6 +22,7 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Proxy overhead" in run.stdout and "CPU us/req" in run.stdout
     assert "CPU per chunk at concurrency 4 (streams of 32 vs 8 chunks)" in run.stdout
+    assert "CPU per non-streamed request at concurrency 4, 1 round: median" in run.stdout
     result = json.loads(out.read_text())
     assert result["machine"]["cpus"] >= 1
     rows = result["proxy"]
@@ -31,6 +32,7 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
         assert r["errors_direct"] == 0 and r["errors_proxy"] == 0
         assert r["requests_each"] >= 24
         assert r["proxy_p50_ms"] > 0 and r["proxy_cpu_us_per_request"] > 0
+        assert r["rounds"] == 1 and r["proxy_cpu_us_per_request_by_round"] == [pytest.approx(r["proxy_cpu_us_per_request"])]
         if r["stream"]:
             # the instant upstream streams one content event per max_tokens (the proxy strips the
             # usage event it asked for)
@@ -88,6 +90,10 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     s = result["stack"]
     assert s["errors_direct"] == 0 and s["errors_proxy"] == 0 and s["requests_each"] == 4
     assert s["direct_tokens_per_s"] > 0 and s["proxy_tokens_per_s"] > 0 and s["tokens_per_s_ratio"] > 0
+    # one round: its pair's ratio is the run's, and one pair gives no interval (the table says so)
+    assert s["tokens_per_s_ratio_by_round"] == [pytest.approx(s["tokens_per_s_ratio"])]
+    assert s["tokens_per_s_ratio_rounds"]["n"] == 1 and s["tokens_per_s_ratio_rounds"]["low"] is None
+    assert "target not shown (too few rounds for an interval)" in run.stdout
     v = result["verdict"]
     assert v["verdict"] == "PROMOTE" and v["exit_code"] == 0 and v["requests"] > 100
     assert {"static", "plan", "suite", "total"} <= set(v["phases_s"]) and v["wall_s"] >= v["phases_s"]["total"]
@@ -136,3 +142,23 @@ def test_passthrough_frames_whole_messages_only():
     get = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     assert _framed(get) == len(get)
     assert _framed(get[:-2]) is None
+
+
+def test_the_median_interval_is_the_binomial_order_statistics_and_judges_a_target():
+    from loragate.bench import against_target, median_interval
+
+    # 12 rounds: P(X <= 2) = 79/4096, so ranks 3 and 10 cover 1 - 2 * 79/4096 = 96.1 %
+    iv = median_interval([float(x) for x in (12, 1, 11, 2, 10, 3, 9, 4, 8, 5, 7, 6)])
+    assert (iv["n"], iv["median"], iv["low"], iv["high"]) == (12, 6.5, 3.0, 10.0)
+    assert iv["coverage"] == pytest.approx(1 - 2 * 79 / 4096)
+    # 6 rounds: only the extremes (96.9 %); 5 rounds: no interval at 95 %
+    assert (median_interval([3.0, 1, 2, 6, 5, 4])["low"], median_interval([3.0, 1, 2, 6, 5, 4])["high"]) == (1.0, 6.0)
+    assert median_interval([1.0, 2, 3, 4, 5])["low"] is None
+    assert against_target(median_interval([1.0, 2, 3, 4, 5]), 0, higher_is_better=True).startswith("not shown")
+    ratios = median_interval([0.99, 1.0, 1.01, 0.995, 1.02, 0.985])
+    assert against_target(ratios, 0.98, higher_is_better=True) == "met"
+    assert against_target(ratios, 0.99, higher_is_better=True).startswith("not shown")
+    assert against_target(ratios, 1.03, higher_is_better=True) == "missed"
+    cpu = median_interval([250.0, 260, 240, 280, 270, 290])
+    assert against_target(cpu, 300, higher_is_better=False) == "met"
+    assert against_target(cpu, 230, higher_is_better=False) == "missed"
