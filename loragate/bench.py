@@ -5,7 +5,8 @@ Three benchmarks, each printing a table and adding to one JSON result:
 1. ``proxy``: the same load sent direct to an upstream and through the proxy, in one run,
    at concurrency 1, 16 and 64, streaming and not. The upstream is
    :mod:`loragate.bench_upstream`, an instant OpenAI-compatible server (not vLLM), so whatever
-   the proxied path adds is the proxy's own cost. Reported: added latency p50/p99 per
+   the proxied path adds is the proxy's own cost; ``--itl-ms`` makes it pace streamed tokens
+   as an engine does, so that each event costs the proxy a read and a write of its own. Reported: added latency p50/p99 per
    request, added time per streamed chunk, requests/s and chunks/s through the proxy as a
    share of direct, and the proxy process's CPU time per request and per chunk (from its
    own CPU counters: client, proxy and upstream share the machine's cores, so CPU per request
@@ -281,11 +282,14 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
-def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int) -> list[dict]:
+def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int,
+                itl_ms: float = 0.0) -> list[dict]:
     """Benchmark 1: proxy overhead against the instant upstream.
 
     Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
-    upstream streams one event per ``max_tokens``), at every concurrency.
+    upstream streams one event per ``max_tokens``), at every concurrency. With ``itl_ms`` the
+    upstream paces streamed tokens that far apart, as an engine does, so every event crosses
+    the proxy in a read and a write of its own (see :mod:`loragate.bench_upstream`).
     """
     from loragate.bench_upstream import MODEL
 
@@ -298,7 +302,8 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     procs = []
     try:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks)],
+            [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks),
+             "--itl-ms", str(itl_ms)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_http(f"http://127.0.0.1:{up_port}/health")
         proxy_log = (workdir / "proxy.log").open("w")
@@ -314,10 +319,12 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             for c in concurrencies:
                 what = f"{tokens} chunks" if stream else "not streamed"
                 print(f"[bench proxy] concurrency {c}, {what} ...", file=sys.stderr, flush=True)
-                results.append(asyncio.run(_compare(
+                row = asyncio.run(_compare(
                     f"http://127.0.0.1:{up_port}/v1/completions",
                     f"http://127.0.0.1:{proxy_port}/v1/completions",
-                    body, c, max(requests, c * 4), rounds, procs[1].pid)))
+                    body, c, max(requests, c * 4), rounds, procs[1].pid))
+                row["itl_ms"] = itl_ms if stream else None
+                results.append(row)
         return results
     finally:
         for p in procs:
@@ -389,7 +396,9 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def print_tables(result: dict) -> None:
     if result.get("proxy"):
-        print("\nProxy overhead (instant upstream; added = proxy minus direct)")
+        itl = next((r["itl_ms"] for r in result["proxy"] if r.get("itl_ms")), None)
+        pacing = f"streamed tokens {itl:g} ms apart" if itl else "instant"
+        print(f"\nProxy overhead (bench upstream, {pacing}; added = proxy minus direct)")
         print(f"{'conc':>5} {'chunks':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
               f"{'req/s ratio':>11} {'chunk/s ratio':>13} {'CPU us/req':>10} {'CPU us/chunk':>12}")
         for r in result["proxy"]:
@@ -444,6 +453,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per short streamed answer (proxy benchmark)")
     parser.add_argument("--long-chunks", type=int, default=128,
                         help="SSE chunks per long streamed answer; the two give the CPU per chunk (proxy benchmark)")
+    parser.add_argument("--itl-ms", type=float, default=0.0,
+                        help="the bench upstream paces streamed tokens this far apart, as an engine does "
+                             "(proxy benchmark; default 0: instant)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -463,6 +475,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--chunks", args.chunks), ("--long-chunks", args.long_chunks)):
         if not 1 <= value <= MAX_CHUNKS:
             raise LoragateError(f"{flag} must be between 1 and {MAX_CHUNKS}, not {value}")
+    if not 0 <= args.itl_ms <= 1000:
+        raise LoragateError(f"--itl-ms must be between 0 and 1000, not {args.itl_ms:g}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
     import platform
 
@@ -471,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "proxy" in which:
-        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks)
+        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
+                                      args.itl_ms)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which:
         result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds)

@@ -7,7 +7,13 @@ as one SSE event per token like vLLM (``max_tokens`` events when the request set
 the proxy's own. It speaks just enough HTTP/1.1 (keep-alive,
 Content-Length bodies) over raw asyncio streams to stay cheaper than the thing it measures.
 
-Run: ``python -m loragate.bench_upstream --port P [--chunks N]``.
+Instant streams arrive at the proxy in few reads (a busy reader finds many events waiting), so
+they measure what the proxy does per event in Python. An engine sends each token on its own,
+one inter-token latency after the last: with ``--itl-ms`` the upstream waits that long before
+every event after the first, so each event is a read and a write of its own through the proxy,
+as with a real engine.
+
+Run: ``python -m loragate.bench_upstream --port P [--chunks N] [--itl-ms MS]``.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ MODELS_BODY = json.dumps({"object": "list", "data": [
 ]}).encode()
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int) -> None:
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int, itl_s: float) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -97,7 +103,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ch
                 include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
-                for event in _stream_events(chat, n, include_usage):
+                for i, event in enumerate(_stream_events(chat, n, include_usage)):
+                    if itl_s and 0 < i < n:  # the usage event follows the last token at once
+                        await asyncio.sleep(itl_s)
                     writer.write(b"%x\r\n%s\r\n" % (len(event), event))
                     await writer.drain()
                 writer.write(b"0\r\n\r\n")
@@ -112,8 +120,8 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ch
         writer.close()
 
 
-async def serve(host: str, port: int, chunks: int) -> None:
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, chunks), host, port, backlog=1024)
+async def serve(host: str, port: int, chunks: int, itl_s: float = 0.0) -> None:
+    server = await asyncio.start_server(lambda r, w: _handle(r, w, chunks, itl_s), host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -124,14 +132,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=16,
                         help="SSE chunks per streamed answer when the request sets no max_tokens")
+    parser.add_argument("--itl-ms", type=float, default=0.0,
+                        help="wait this long before each streamed token after the first (0: instant)")
     args = parser.parse_args()
+    if args.itl_ms < 0:
+        parser.error(f"--itl-ms must not be negative, not {args.itl_ms:g}")
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.host, args.port, args.chunks))
+    asyncio.run(serve(args.host, args.port, args.chunks, args.itl_ms / 1000))
 
 
 if __name__ == "__main__":

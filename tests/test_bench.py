@@ -60,6 +60,22 @@ def test_the_chunk_cost_is_the_slope_between_short_and_long_streams():
     assert cost["cpu_us_per_chunk_marginal"] == pytest.approx(15.0)
 
 
+def test_paced_proxy_benchmark_says_so_and_records_the_pacing(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "4", "--requests", "16",
+         "--rounds", "1", "--chunks", "4", "--long-chunks", "12", "--itl-ms", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Proxy overhead (bench upstream, streamed tokens 1 ms apart;" in run.stdout
+    rows = json.loads(out.read_text())["proxy"]
+    assert [r["itl_ms"] for r in rows] == [None, 1.0, 1.0]
+    for r in rows:
+        assert r["errors_direct"] == 0 and r["errors_proxy"] == 0
+    # 12 tokens 1 ms apart take at least 11 ms, direct and through the proxy
+    assert min(r["direct_p50_ms"] for r in rows if r.get("chunks_per_request") == 12) >= 11
+
+
 def test_chunk_counts_out_of_range_are_refused_before_anything_runs():
     import argparse
 
@@ -70,6 +86,8 @@ def test_chunk_counts_out_of_range_are_refused_before_anything_runs():
     bench.configure(parser, "bench")
     with pytest.raises(LoragateError, match="--long-chunks must be between 1 and 4096, not 5000"):
         bench.run(parser.parse_args(["proxy", "--long-chunks", "5000"]))
+    with pytest.raises(LoragateError, match="--itl-ms must be between 0 and 1000, not -2"):
+        bench.run(parser.parse_args(["proxy", "--itl-ms", "-2"]))
 
 
 def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
@@ -162,3 +180,48 @@ def test_the_median_interval_is_the_binomial_order_statistics_and_judges_a_targe
     cpu = median_interval([250.0, 260, 240, 280, 270, 290])
     assert against_target(cpu, 300, higher_is_better=False) == "met"
     assert against_target(cpu, 230, higher_is_better=False) == "missed"
+
+
+def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
+    """With --itl-ms every token after the first comes that long after the one before, so each
+    crosses a proxy on its own; without it the whole stream comes at once."""
+    import time
+
+    import httpx
+
+    from loragate.bench_upstream import MODEL
+    from loragate.stack import free_port
+
+    def arrivals(itl_ms: float) -> list[float]:
+        port = free_port()
+        upstream = subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(port),
+                                     "--itl-ms", str(itl_ms)])
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "the bench upstream did not start"
+                    time.sleep(0.1)
+            times = []
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
+                    "model": MODEL, "prompt": "x", "max_tokens": 6, "stream": True}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+            return times
+        finally:
+            upstream.terminate()
+            upstream.wait(timeout=10)
+
+    paced = arrivals(40)
+    assert len(paced) == 6
+    gaps = [b - a for a, b in zip(paced, paced[1:])]
+    assert all(g >= 0.035 for g in gaps), gaps
+    instant = arrivals(0)
+    assert len(instant) == 6 and instant[-1] - instant[0] < 0.035 * 5
+    bad = subprocess.run([sys.executable, "-m", "loragate.bench_upstream", "--port", "1", "--itl-ms", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--itl-ms must not be negative" in bad.stderr
