@@ -47,11 +47,22 @@ def test_writes_of_one_turn_leave_in_one_write_and_later_ones_in_the_next():
         assert raw.writes == [] and corked.get_write_buffer_size() == 7 + 21
         await asyncio.sleep(0)
         assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
-        corked.write(b"data: 1\n\n")
+        # a stream's events after its head: each goes out as it is written, not at the turn's end
+        corked.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         await asyncio.sleep(0)
-        corked.write(b"data: 2\n\n")
+        corked.write(b"9\r\ndata: 1\n\n\r\n")
+        assert raw.writes[2:] == [b"9\r\ndata: 1\n\n\r\n"]
+        corked.write(b"9\r\ndata: 2\n\n\r\n")
+        assert raw.writes[3:] == [b"9\r\ndata: 2\n\n\r\n"] and corked.get_write_buffer_size() == 7
+        # behind a held start a write waits its turn, so the order on the wire is kept
+        corked.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        corked.write(b"ok")
+        assert len(raw.writes) == 4
         await asyncio.sleep(0)
-        assert raw.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n"]
+        assert raw.writes[4:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        raw.closing = True
+        corked.write(b"after the end")  # a closing transport gets nothing more, as at a flush
+        assert len(raw.writes) == 5
         assert corked.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
 
     asyncio.run(main())
@@ -61,15 +72,15 @@ def test_close_sends_what_is_held_first_and_abort_drops_it():
     async def main():
         raw = RecordingTransport()
         corked = CorkedTransport(raw, asyncio.get_running_loop())
-        corked.write(b"last words")
+        corked.write(b"HTTP/1.1 200 OK\r\n\r\nlast words")
         corked.close()
-        assert raw.writes == [b"last words"] and raw.events == ["close"]
+        assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nlast words"] and raw.events == ["close"]
         await asyncio.sleep(0)
-        assert raw.writes == [b"last words"]  # the scheduled flush finds nothing more
+        assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nlast words"]  # the scheduled flush finds nothing more
 
         raw = RecordingTransport()
         corked = CorkedTransport(raw, asyncio.get_running_loop())
-        corked.write(b"never sent")
+        corked.write(b"HTTP/1.1 200 OK\r\n\r\nnever sent")
         corked.abort()
         await asyncio.sleep(0)
         assert raw.writes == [] and raw.events == ["abort"]
