@@ -48,16 +48,22 @@ class StreamTally:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take the next bytes; returns the whole events among them to forward (maybe ``b""``)."""
-        self._buffer += chunk
-        out = []
-        while True:
-            cut = self._buffer.find(EVENT_END)
-            if cut < 0:
-                break
-            event, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2:]
+        data = self._buffer + chunk if self._buffer else chunk
+        start = 0
+        kept: list[bytes] = []
+        dropped = False
+        while (cut := data.find(EVENT_END, start)) >= 0:
+            end = cut + 2
+            event = data if start == 0 and end == len(data) else data[start:end]
             if self._read(event):
-                out.append(event)
-        return b"".join(out)
+                kept.append(event)
+            else:
+                dropped = True
+            start = end
+        self._buffer = data[start:] if start < len(data) else b""
+        if dropped:
+            return b"".join(kept)
+        return data if start == len(data) else data[:start]  # every whole event, as it came
 
     def rest(self) -> bytes:
         """Bytes after the last whole event (forwarded unread when the stream ends)."""
@@ -80,8 +86,8 @@ class StreamTally:
                 self.done = True
             return True
         try:
-            data = json.loads(event[6:])
-        except ValueError:
+            data = json.loads(event[6:].decode())  # SSE is UTF-8; a str skips json's encoding sniffing
+        except ValueError:  # also invalid UTF-8 (UnicodeDecodeError)
             return True
         if not isinstance(data, dict):
             return True
