@@ -225,3 +225,33 @@ def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "loragate.bench_upstream", "--port", "1", "--itl-ms", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--itl-ms must not be negative" in bad.stderr
+
+
+def test_each_round_runs_its_two_blocks_in_a_seeded_coin_flipped_order(monkeypatch):
+    """A machine or engine that is slow every other block must not always hit the same side:
+    the order of direct and proxied per round is a reproducible coin flip, and each round's
+    ratio sets its proxied block against its own direct block."""
+    import asyncio
+
+    from loragate import bench
+
+    def run(rounds: int) -> tuple[list[str], dict]:
+        calls: list[str] = []
+
+        async def fake_block(client, url, body, concurrency, requests):
+            calls.append(url)
+            slow = len(calls) % 2 == 0  # every other block the "engine" is at half speed
+            return bench.Block(latencies_s=[0.1] * requests, chunks=requests, tokens=100 * requests,
+                               wall_s=2.0 if slow else 1.0)
+
+        monkeypatch.setattr(bench, "_run_block", fake_block)
+        result = asyncio.run(bench._compare("direct", "proxy", {"stream": True}, 2, 4, rounds, None))
+        return calls[2:], result  # after the two warm-up blocks
+
+    order, result = run(12)
+    firsts = order[0::2]
+    assert sorted(set(firsts)) == ["direct", "proxy"] and all(a != b for a, b in zip(order[0::2], order[1::2]))
+    assert run(12)[0] == order  # the same order every run
+    # with strict alternation every ratio would be 0.5 (or 2); here each round's is 2 or 0.5 by
+    # which block of the pair ran in the slow slot, so both show up
+    assert sorted(set(round(r, 3) for r in result["tokens_per_s_ratio_by_round"])) == [0.5, 2.0]
