@@ -6,11 +6,11 @@ Three benchmarks, each printing a table and adding to one JSON result:
    at concurrency 1, 16 and 64, streaming and not. The upstream is
    :mod:`loragate.bench_upstream`, an instant OpenAI-compatible server (not vLLM), so whatever
    the proxied path adds is the proxy's own cost; ``--itl-ms`` makes it pace streamed tokens
-   as an engine does, so that each event costs the proxy a read and a write of its own. Reported: added latency p50/p99 per
-   request, added time per streamed chunk, requests/s and chunks/s through the proxy as a
-   share of direct, and the proxy process's CPU time per request and per chunk (from its
-   own CPU counters: client, proxy and upstream share the machine's cores, so CPU per request
-   is the fair figure, not raw requests/s). Streams run twice, short (``--chunks``) and long
+   as an engine does, so that each event costs the proxy a read and a write of its own.
+   Reported: added latency p50/p99 per request, added time per streamed chunk, requests/s and
+   chunks/s through the proxy as a share of direct, and the proxy process's CPU time per
+   request and per chunk (from its own CPU counters: client, proxy and upstream share the
+   machine's cores, so CPU per request is the fair figure, not raw requests/s). Streams run twice, short (``--chunks``) and long
    (``--long-chunks``), because a streamed request's CPU is a fixed part plus a part per
    chunk: the difference between the two, divided by the difference in chunks, is the proxy's
    CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.
@@ -233,6 +233,7 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         "proxy_cpu_us_per_request": cpu / n * 1e6 if proxy_pid else None,
         "rounds": rounds,
         "proxy_cpu_us_per_request_by_round": cpu_by_round,
+        "proxy_cpu_us_per_request_rounds": median_interval(cpu_by_round),
     }
     if body.get("stream"):
         chunks_per_request = p.chunks / max(1, n)
@@ -425,7 +426,7 @@ def print_tables(result: dict) -> None:
             print(f"CPU per chunk at concurrency {c['concurrency']} (streams of {c['chunks_long']:.0f} vs "
                   f"{c['chunks_short']:.0f} chunks): {c['cpu_us_per_chunk_marginal']:.1f} us")
         for r in result["proxy"]:
-            iv = median_interval(r.get("proxy_cpu_us_per_request_by_round") or [])
+            iv = r["proxy_cpu_us_per_request_rounds"]
             if r["stream"] or not iv["n"]:
                 continue
             spread = (f", {iv['coverage']:.0%} interval {iv['low']:.0f} - {iv['high']:.0f}"

@@ -8,8 +8,7 @@ request in ``write``. :class:`CorkedTransport` holds a write that starts an answ
 line) and what follows it in the same turn of the event loop, and sends them in one call at
 the end of that turn, so a whole answer goes out in one write. Any other write with nothing
 held goes out at once: a stream's events after its head are written as they come, without
-waiting for the turn to end (another turn of the loop per event, measured at 2-4 us of CPU
-each with engine-paced streams).
+waiting for the turn to end (which cost each event one more turn of the loop).
 
 :data:`UVICORN_SETTINGS` are the server settings ``loragate proxy`` runs with; the CPU floor
 benchmark (:mod:`loragate.bench_floor`) serves its null app with the same.

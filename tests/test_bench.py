@@ -33,6 +33,7 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
         assert r["requests_each"] >= 24
         assert r["proxy_p50_ms"] > 0 and r["proxy_cpu_us_per_request"] > 0
         assert r["rounds"] == 1 and r["proxy_cpu_us_per_request_by_round"] == [pytest.approx(r["proxy_cpu_us_per_request"])]
+        assert r["proxy_cpu_us_per_request_rounds"]["median"] == pytest.approx(r["proxy_cpu_us_per_request"])
         if r["stream"]:
             # the instant upstream streams one content event per max_tokens (the proxy strips the
             # usage event it asked for)
