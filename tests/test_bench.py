@@ -190,6 +190,7 @@ def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
 
     import httpx
 
+    from loragate.bench import _wait_http
     from loragate.bench_upstream import MODEL
     from loragate.stack import free_port
 
@@ -198,14 +199,7 @@ def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
         upstream = subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(port),
                                      "--itl-ms", str(itl_ms)])
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "the bench upstream did not start"
-                    time.sleep(0.1)
+            _wait_http(f"http://127.0.0.1:{port}/health")
             times = []
             with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
                     "model": MODEL, "prompt": "x", "max_tokens": 6, "stream": True}) as resp:

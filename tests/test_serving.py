@@ -1,4 +1,5 @@
-"""The proxy's serving layer (loragate.server.serving): writes of one loop turn leave together."""
+"""The proxy's serving layer (loragate.server.serving): an answer's start and what the same
+loop turn writes after it leave together; a stream's later events leave at once."""
 
 from __future__ import annotations
 
