@@ -233,14 +233,15 @@ def test_each_round_runs_its_two_blocks_in_a_seeded_coin_flipped_order(monkeypat
     def run(rounds: int) -> tuple[list[str], dict]:
         calls: list[str] = []
 
-        async def fake_block(client, url, body, concurrency, requests):
-            calls.append(url)
+        async def fake_block(client, path, body, concurrency, requests):
+            calls.append(client.base_url.removeprefix("http://"))
             slow = len(calls) % 2 == 0  # every other block the "engine" is at half speed
             return bench.Block(latencies_s=[0.1] * requests, chunks=requests, tokens=100 * requests,
                                wall_s=2.0 if slow else 1.0)
 
         monkeypatch.setattr(bench, "_run_block", fake_block)
-        result = asyncio.run(bench._compare("direct", "proxy", {"stream": True}, 2, 4, rounds, None))
+        result = asyncio.run(bench._compare("http://direct/v1/completions", "http://proxy/v1/completions",
+                                            {"stream": True}, 2, 4, rounds, None))
         return calls[2:], result  # after the two warm-up blocks
 
     order, result = run(12)
