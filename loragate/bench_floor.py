@@ -20,9 +20,14 @@ it does any work of its own, so it bounds from below what leaner judging or metr
   ``Content-Length`` only, parses nothing else, judges and counts nothing, and keeps one
   upstream connection per client connection, between the bench client and the bench upstream.
   CPU of the relay process per request. It exists only for this measurement: it handles no
-  chunked bodies, no streams, no errors.
+  chunked request bodies and no errors.
+- ``passthrough, paced``: the same relay forwarding each read from the upstream as it comes,
+  between the bench client and a bench upstream that paces streamed tokens (``--itl-ms``, as
+  ``loragate bench proxy --itl-ms`` does): its CPU per streamed event (slope between 16- and
+  128-event streams), the floor under the proxy's CPU per chunk when every event is a wake-up,
+  a read and a write of its own.
 
-Run: ``python -m loragate.bench_floor [--requests N] [--concurrency C] [--out FILE]``.
+Run: ``python -m loragate.bench_floor [--requests N] [--concurrency C] [--itl-ms MS] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -35,13 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 
-from loragate.bench import _cpu_seconds, _run_block, _wait_http
+from loragate.bench import _cpu_seconds, _run_block, _split_url, _wait_http
 from loragate.bench_upstream import MODEL, _completion_body
 from loragate.stack import free_port
 
 BODY = {"model": MODEL, "prompt": "bench", "max_tokens": 16, "stream": False}
+#: Inter-token gap of the paced streams (ms) and their two lengths in events (short, long), as
+#: ``loragate bench proxy --itl-ms 2`` with its default ``--chunks`` and ``--long-chunks``.
+PACED_ITL_MS = 2.0
+STREAM_EVENTS = (16, 128)
+#: Paced streams per worker in each of the two stream blocks.
+STREAM_REQUESTS_PER_WORKER = 4
 ANSWER = _completion_body(False, 8, 16)
 
 
@@ -72,10 +82,13 @@ def _framed(buf: bytes) -> int | None:
 
 
 class PassthroughUp(asyncio.Protocol):
-    """The relay's connection to the upstream: each whole answer goes back to its client."""
+    """The relay's connection to the upstream: each whole answer goes back to its client, or,
+    with ``framed`` false, whatever each read brings goes back at once (a stream's events as
+    they come; answers are not framed at all then)."""
 
-    def __init__(self, down: "PassthroughDown") -> None:
+    def __init__(self, down: "PassthroughDown", framed: bool = True) -> None:
         self.down = down
+        self.framed = framed
         self.buf = b""
         self.transport: asyncio.Transport | None = None
 
@@ -83,6 +96,9 @@ class PassthroughUp(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.framed:
+            self.down.transport.write(data)
+            return
         self.buf += data
         while (size := _framed(self.buf)) is not None:
             self.down.transport.write(self.buf[:size])
@@ -95,8 +111,9 @@ class PassthroughUp(asyncio.Protocol):
 class PassthroughDown(asyncio.Protocol):
     """A client connection to the relay: each whole request goes to its own upstream connection."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, framed_answers: bool = True) -> None:
         self.upstream_port = upstream_port
+        self.framed_answers = framed_answers
         self.buf = b""
         self.pending: list[bytes] = []
         self.up: PassthroughUp | None = None
@@ -108,7 +125,7 @@ class PassthroughDown(asyncio.Protocol):
 
     async def _connect(self) -> None:
         _, up = await asyncio.get_running_loop().create_connection(
-            lambda: PassthroughUp(self), "127.0.0.1", self.upstream_port)
+            lambda: PassthroughUp(self, self.framed_answers), "127.0.0.1", self.upstream_port)
         self.up = up
         for request in self.pending:
             up.transport.write(request)
@@ -128,12 +145,12 @@ class PassthroughDown(asyncio.Protocol):
             self.up.transport.close()
 
 
-def serve_passthrough(port: int, upstream_port: int) -> None:
+def serve_passthrough(port: int, upstream_port: int, framed_answers: bool = True) -> None:
     import uvloop
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(
-            lambda: PassthroughDown(upstream_port), "127.0.0.1", port)
+            lambda: PassthroughDown(upstream_port, framed_answers), "127.0.0.1", port)
         await server.serve_forever()
 
     uvloop.run(main())
@@ -150,12 +167,17 @@ def serve(port: int) -> None:
 
 async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
     """CPU of process ``pid`` per non-streamed request, the bench client sending to ``url``."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        await _run_block(client, url, BODY, concurrency, concurrency)  # warm-up
+    from loragate.server.upstream import Upstream
+
+    base, path = _split_url(url)
+    client = Upstream(base, read_timeout_s=60, max_connections=concurrency)  # the bench's own load client
+    try:
+        await _run_block(client, path, BODY, concurrency, requests)  # warm-up
         before = _cpu_seconds(pid)
-        block = await _run_block(client, url, BODY, concurrency, requests)
+        block = await _run_block(client, path, BODY, concurrency, requests)
         cpu = _cpu_seconds(pid) - before
+    finally:
+        await client.close()
     if block.errors:
         raise RuntimeError(f"{block.errors} of {requests} requests to the null server failed")
     return cpu / requests * 1e6
@@ -192,9 +214,33 @@ async def _client_floor(upstream_url: str, concurrency: int, requests: int) -> f
     return (t1 - t0) / done * 1e6
 
 
-def measure(concurrency: int, requests: int) -> dict:
-    """Both floors, in µs of CPU per request."""
+async def _stream_floor(url: str, pid: int, concurrency: int, requests: int, short: int, long: int) -> float:
+    """CPU of process ``pid`` per streamed event: the slope between streams of ``short`` and
+    ``long`` events, as ``loragate bench proxy`` computes the proxy's (``chunk_costs``)."""
+    from loragate.server.upstream import Upstream
+
+    base, path = _split_url(url)
+    client = Upstream(base, read_timeout_s=60, max_connections=concurrency)
+    per_request = {}
+    try:
+        for events in (short, long):
+            body = {**BODY, "max_tokens": events, "stream": True}
+            await _run_block(client, path, body, concurrency, concurrency)  # warm-up
+            before = _cpu_seconds(pid)
+            block = await _run_block(client, path, body, concurrency, requests)
+            per_request[events] = (_cpu_seconds(pid) - before) / requests * 1e6
+            if block.errors or block.chunks != events * requests:
+                raise RuntimeError(f"streams through the pass-through relay: {block.errors} failed, "
+                                   f"{block.chunks} of {events * requests} events arrived")
+    finally:
+        await client.close()
+    return (per_request[long] - per_request[short]) / (long - short)
+
+
+def measure(concurrency: int, requests: int, itl_ms: float = PACED_ITL_MS) -> dict:
+    """The floors, in µs of CPU per request (and per streamed event for the paced relay)."""
     up_port, null_port, relay_port = free_port(), free_port(), free_port()
+    paced_port, stream_relay_port = free_port(), free_port()
     procs = [
         subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
@@ -202,11 +248,14 @@ def measure(concurrency: int, requests: int) -> dict:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve-passthrough", str(relay_port),
                           str(up_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(paced_port),
+                          "--itl-ms", str(itl_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve-passthrough", str(stream_relay_port),
+                          str(paced_port), "--raw-answers"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
-        _wait_http(f"http://127.0.0.1:{up_port}/health")
-        _wait_http(f"http://127.0.0.1:{null_port}/health")
-        _wait_http(f"http://127.0.0.1:{relay_port}/health")
+        for port in (up_port, null_port, relay_port, paced_port, stream_relay_port):
+            _wait_http(f"http://127.0.0.1:{port}/health")
         print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
         server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
                                            concurrency, requests))
@@ -220,6 +269,12 @@ def measure(concurrency: int, requests: int) -> dict:
         print(f"[bench floor] asyncio pass-through relay, concurrency {concurrency} ...", file=sys.stderr, flush=True)
         passthrough = asyncio.run(_server_floor(f"http://127.0.0.1:{relay_port}/v1/completions", procs[2].pid,
                                                 concurrency, requests))
+        print(f"[bench floor] pass-through relay, streams paced {itl_ms:g} ms, concurrency {concurrency} ...",
+              file=sys.stderr, flush=True)
+        stream_requests = max(concurrency, STREAM_REQUESTS_PER_WORKER * concurrency)
+        passthrough_event = asyncio.run(_stream_floor(
+            f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency, stream_requests,
+            STREAM_EVENTS[0], STREAM_EVENTS[1]))
     finally:
         for p in procs:
             p.terminate()
@@ -227,7 +282,8 @@ def measure(concurrency: int, requests: int) -> dict:
             p.wait(timeout=10)
     return {"concurrency": concurrency, "requests": requests, "server_cpu_us_per_request": server,
             "client_cpu_us_per_request": client, "floor_cpu_us_per_request": server + client,
-            "passthrough_cpu_us_per_request": passthrough}
+            "passthrough_cpu_us_per_request": passthrough, "paced_itl_ms": itl_ms,
+            "passthrough_cpu_us_per_paced_event": passthrough_event}
 
 
 def main() -> None:
@@ -236,26 +292,33 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the null server itself
+    parser.add_argument("--itl-ms", type=float, default=PACED_ITL_MS,
+                        help="how far apart the paced streams' tokens come (default %(default)g)")
     parser.add_argument("--serve-passthrough", type=int, nargs=2, metavar=("PORT", "UPSTREAM_PORT"),
                         help=argparse.SUPPRESS)  # the pass-through relay itself
+    parser.add_argument("--raw-answers", action="store_true", help=argparse.SUPPRESS)  # ... relaying reads as they come
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return
     if args.serve_passthrough:
-        serve_passthrough(*args.serve_passthrough)
+        serve_passthrough(*args.serve_passthrough, framed_answers=not args.raw_answers)
         return
     if args.requests < args.concurrency or args.concurrency < 1:
         parser.error("--requests must be at least --concurrency, and --concurrency at least 1")
-    from loragate.bench import TARGET_CPU_PER_REQUEST_US
+    if not 0 < args.itl_ms <= 1000:
+        parser.error(f"--itl-ms must be above 0 and at most 1000, not {args.itl_ms:g}")
+    from loragate.bench import TARGET_CPU_PER_CHUNK_US, TARGET_CPU_PER_REQUEST_US
 
-    r = measure(args.concurrency, args.requests)
+    r = measure(args.concurrency, args.requests, args.itl_ms)
     print(f"uvicorn null app:       {r['server_cpu_us_per_request']:6.0f} us CPU per request\n"
           f"upstream client:         {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
           f"floor (sum):            {r['floor_cpu_us_per_request']:6.0f} us CPU per non-streamed request "
           f"(proxy target {TARGET_CPU_PER_REQUEST_US:.0f} us)\n"
           f"asyncio pass-through:   {r['passthrough_cpu_us_per_request']:6.0f} us CPU per request "
-          f"(a byte relay: the floor of any asyncio proxy)")
+          f"(a byte relay: the floor of any asyncio proxy)\n"
+          f"pass-through, paced:    {r['passthrough_cpu_us_per_paced_event']:6.1f} us CPU per streamed event, "
+          f"tokens {r['paced_itl_ms']:g} ms apart (proxy target {TARGET_CPU_PER_CHUNK_US:.0f} us per chunk)")
     if args.out:
         args.out.write_text(json.dumps(r, indent=2) + "\n")
 
