@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loragate.contracts import ContractError, ContractSet, load_contracts, resolve_under
+from loragate.server import fastjson
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
@@ -89,7 +90,7 @@ def invocation_endpoint(body: bytes) -> str:
     ``messages``, a completion when it carries ``prompt`` (vLLM tries the request types in that
     order), else ``other`` (forwarded unjudged: embeddings, scoring, or a body vLLM refuses)."""
     try:
-        request = json.loads(body)
+        request = fastjson.loads(body)
     except (ValueError, RecursionError):
         return "other"
     if isinstance(request, dict) and isinstance(request.get("messages"), list):
@@ -334,7 +335,7 @@ class ProxyApp:
         (403), as is every load when the proxy has no contracts to take the directory from.
         """
         try:
-            request = json.loads(body)
+            request = fastjson.loads(body)
         except (ValueError, RecursionError):
             return 400, "malformed_json", "request body is not valid JSON"
         if not isinstance(request, dict):
@@ -394,7 +395,7 @@ class ProxyApp:
             await self._refuse(send, 415, "unsupported_media_type", "Content-Type must be application/json", endpoint)
             return
         try:
-            request = json.loads(body)
+            request = fastjson.loads(body)
         except (ValueError, RecursionError):
             await self._refuse(send, 400, "malformed_json", "request body is not valid JSON", endpoint)
             return
@@ -451,13 +452,13 @@ class ProxyApp:
         if resp.status != 200:
             return  # the engine refused the request (400 bad params, 404 unknown model): nothing generated
         try:
-            answer = json.loads(content)
+            answer = fastjson.loads(content)
             ex.adapter = self.names.label(answer.get("model"))
             choices = answer["choices"]
             usage = answer.get("usage") or {}
             outputs = [((c.get("text") if ex.endpoint == "completions" else (c.get("message") or {}).get("content")) or "",
                         c.get("finish_reason")) for c in choices]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self.metrics.upstream_errors.labels(ex.adapter, "invalid_response").inc()
             return
         self._count(ex, outputs, usage)
@@ -478,7 +479,8 @@ class ProxyApp:
         model_seen = False
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
-            async for chunk in resp.iter_chunks():
+            next_chunk = resp.next_chunk
+            while (chunk := await next_chunk()) is not None:
                 if gone.is_set():
                     if tally.done:
                         break  # the client left after [DONE]: it has the whole answer

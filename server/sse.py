@@ -12,8 +12,9 @@ engine's usage report. How the bytes were cut never changes what it collects or 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+
+from loragate.server.fastjson import loads
 
 #: The end of one server-sent event.
 EVENT_END = b"\n\n"
@@ -86,8 +87,8 @@ class StreamTally:
                 self.done = True
             return True
         try:
-            data = json.loads(event[6:].decode())  # SSE is UTF-8; a str skips json's encoding sniffing
-        except ValueError:  # also invalid UTF-8 (UnicodeDecodeError)
+            data = loads(event[6:])
+        except (ValueError, RecursionError):  # also invalid UTF-8
             return True
         if not isinstance(data, dict):
             return True
