@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -444,17 +445,18 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     )
     up_port, proxy_port = free_port(), free_port()
     procs = []
+    keep = False
     try:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks),
              "--itl-ms", str(itl_ms)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_http(f"http://127.0.0.1:{up_port}/health")
-        proxy_log = (workdir / "proxy.log").open("w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-             "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
-            stdout=proxy_log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
+        with (workdir / "proxy.log").open("w") as proxy_log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
+                 "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
+                stdout=proxy_log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
         _wait_http(f"http://127.0.0.1:{proxy_port}/health")
         results = []
         plans = [(False, chunks), (True, chunks)] + ([(True, long_chunks)] if long_chunks != chunks else [])
@@ -470,11 +472,17 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
                 row["itl_ms"] = itl_ms if stream else None
                 results.append(row)
         return results
+    except BaseException:
+        print(f"[bench proxy] stopped; the proxy's log is kept in {workdir}", file=sys.stderr, flush=True)
+        keep = True
+        raise
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
+        if not keep:  # finished: nothing in it worth keeping
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> dict:

@@ -7,6 +7,7 @@ test proves the benchmark measures through the proxy without errors and writes i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,8 +19,9 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "1", "4",
          "--requests", "24", "--rounds", "1", "--chunks", "8", "--long-chunks", "32", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its working folder is gone
     assert "Proxy overhead" in run.stdout and "CPU us/req" in run.stdout
     assert "CPU per chunk at concurrency 4 (streams of 32 vs 8 chunks)" in run.stdout
     assert "CPU per non-streamed request at concurrency 4, 1 round: median" in run.stdout
