@@ -359,6 +359,12 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         "proxy_cpu_us_per_request_by_round": cpu_by_round,
         "proxy_cpu_us_per_request_rounds": median_interval(cpu_by_round),
     }
+    # each proxied block's p50 and p99 against the direct block of its round
+    for q, key in ((0.5, "added_p50_ms"), (0.99, "added_p99_ms")):
+        by_round = [(_percentile(pb.latencies_s, q) - _percentile(db.latencies_s, q)) * 1e3
+                    for db, pb in zip(direct, proxied) if db.latencies_s and pb.latencies_s]
+        result[f"{key}_by_round"] = by_round
+        result[f"{key}_rounds"] = median_interval(by_round)
     if body.get("stream"):
         chunks_per_request = p.chunks / max(1, n)
         result["chunks_per_request"] = chunks_per_request
@@ -574,6 +580,16 @@ def print_tables(result: dict) -> None:
             print(f"CPU per non-streamed request at concurrency {r['concurrency']}, {_rounds(iv['n'])}: median "
                   f"{iv['median']:.0f} us{spread}; target "
                   f"{against_target(iv, TARGET_CPU_PER_REQUEST_US, higher_is_better=False)}")
+        for r in result["proxy"]:
+            if r["stream"] or r["concurrency"] != 16 or not r["added_p50_ms_rounds"]["n"]:
+                continue
+            for key, target in (("added_p50_ms", TARGET_ADDED_P50_MS), ("added_p99_ms", TARGET_ADDED_P99_MS)):
+                iv = r[f"{key}_rounds"]
+                spread = (f", {iv['coverage']:.0%} interval {iv['low']:.2f} - {iv['high']:.2f}"
+                          if iv["low"] is not None else "")
+                print(f"{key[6:9]} added per round (proxied block minus the direct block of its round), non-streamed, "
+                      f"concurrency 16, {_rounds(iv['n'])}: median {iv['median']:.2f} ms{spread}; target "
+                      f"{against_target(iv, target, higher_is_better=False)}")
         print(f"targets at concurrency 16: added p50 <= {TARGET_ADDED_P50_MS} ms, p99 <= {TARGET_ADDED_P99_MS} ms; "
               f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
     if result.get("stack"):

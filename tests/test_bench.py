@@ -36,6 +36,9 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
         assert r["proxy_p50_ms"] > 0 and r["proxy_cpu_us_per_request"] > 0
         assert r["rounds"] == 1 and r["proxy_cpu_us_per_request_by_round"] == [pytest.approx(r["proxy_cpu_us_per_request"])]
         assert r["proxy_cpu_us_per_request_rounds"]["median"] == pytest.approx(r["proxy_cpu_us_per_request"])
+        # one round: its added p50 is the run's (the blocks' p50s are the pooled ones)
+        assert r["added_p50_ms_by_round"] == [pytest.approx(r["added_p50_ms"])]
+        assert r["added_p99_ms_rounds"]["n"] == 1
         if r["stream"]:
             # the instant upstream streams one content event per max_tokens (the proxy strips the
             # usage event it asked for)
@@ -283,3 +286,19 @@ def test_a_mixed_block_keeps_both_sides_in_flight_together_and_splits_them_evenl
     assert len(direct.latencies_s) == len(proxied.latencies_s) == 10
     assert all(seen_together[:-2])  # the last requests of a block may finish alone
     assert bench._stream_rate(proxied) / bench._stream_rate(direct) == pytest.approx(0.9)
+
+
+def test_added_latency_at_concurrency_16_is_judged_per_round_like_the_cpu(capsys):
+    from loragate import bench
+
+    p50s, p99s = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [2.0, 2.5, 3.5, 4.0, 4.5, 5.0]
+    row = {"concurrency": 16, "stream": False, "itl_ms": None, "added_p50_ms": 0.65, "added_p99_ms": 3.7,
+           "requests_per_s_ratio": 0.5, "proxy_cpu_us_per_request": 100.0,
+           "proxy_cpu_us_per_request_rounds": bench.median_interval([100.0] * 6),
+           "added_p50_ms_rounds": bench.median_interval(p50s), "added_p99_ms_rounds": bench.median_interval(p99s)}
+    bench.print_tables({"proxy": [row, {**row, "concurrency": 1}]})
+    out = capsys.readouterr().out
+    assert ("p50 added per round (proxied block minus the direct block of its round), non-streamed, concurrency 16, "
+            "6 rounds: median 0.65 ms, 97% interval 0.40 - 0.90; target met") in out
+    assert "p99 added per round" in out and "median 3.75 ms, 97% interval 2.00 - 5.00; target not shown" in out
+    assert out.count("added per round") == 2  # concurrency 16 only
