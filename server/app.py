@@ -72,6 +72,8 @@ def canonical_path(path: str) -> str:
     segments itself, so checking the raw path would let ``/v1/./load_lora_adapter`` past the
     admin check and still reach the engine's loading endpoint.
     """
+    if path.startswith("/") and "//" not in path and "/." not in path:
+        return path  # nothing to resolve: already canonical
     segments: list[str] = []
     for segment in path.split("/"):
         if segment in ("", "."):
@@ -280,7 +282,8 @@ class ProxyApp:
     # ------------------------------------------------------------------ the proxy
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = canonical_path(scope["path"])
-        scope = {**scope, "path": path}
+        if path != scope["path"]:
+            scope = {**scope, "path": path}
         admin = is_admin_path(path)
         endpoint = JUDGED_PATHS.get(path) or (
             "admin" if admin else "models" if path.startswith("/v1/models") else "other")
