@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
@@ -28,23 +30,15 @@ def test_label_children_are_cached_per_metric_and_count_exactly():
     assert 'finish_reason="stop"} 0.0' in generate_latest(b.registry).decode()  # b's child, untouched
 
 
-def _resolved(path: str) -> str:
-    """Dot and empty segments resolved one segment at a time: the definition canonical_path keeps."""
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
-    canonical = "/" + "/".join(segments)
-    return canonical + "/" if segments and path.endswith("/") else canonical
+def _normalised(path: str) -> str:
+    """The same resolution by the standard library: POSIX keeps exactly two leading slashes, but
+    three or more collapse to one; a trailing slash of a non-root path stays."""
+    resolved = posixpath.normpath("///" + path)
+    return resolved + "/" if path.endswith("/") and resolved != "/" else resolved
 
 
 @given(path=st.lists(st.sampled_from(["", ".", "..", "v1", "completions", ".x", "a.", "..b"]), max_size=6)
        .map("/".join) | st.text(alphabet="/.av1", max_size=12))
-def test_canonical_path_resolves_every_path_segment_by_segment(path):
-    assert canonical_path(path) == _resolved(path)
+def test_canonical_path_resolves_dot_and_empty_segments_as_posix_does(path):
+    assert canonical_path(path) == _normalised(path)
     assert canonical_path(canonical_path(path)) == canonical_path(path)
