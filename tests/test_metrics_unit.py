@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
@@ -39,6 +39,15 @@ def _normalised(path: str) -> str:
 
 @given(path=st.lists(st.sampled_from(["", ".", "..", "v1", "completions", ".x", "a.", "..b"]), max_size=6)
        .map("/".join) | st.text(alphabet="/.av1", max_size=12))
+@example("//v1/completions")
+@example("/v1/./load_lora_adapter")
+@example("/a/../v1/x")
+@example("/v1/")
+@example("")
+@example("v1/x")
+@example("/.")
+@example("/..")
+@example("/v1/completions/.")
 def test_canonical_path_resolves_dot_and_empty_segments_as_posix_does(path):
     assert canonical_path(path) == _normalised(path)
     assert canonical_path(canonical_path(path)) == canonical_path(path)
