@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -197,8 +199,7 @@ async def _run_mixed_block(direct: tuple[Upstream, str], proxied: tuple[Upstream
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w % 2) for w in range(concurrency)))
-    for b in blocks:
-        b.wall_s = time.perf_counter() - t0
+    blocks[0].wall_s = blocks[1].wall_s = time.perf_counter() - t0
     return blocks
 
 
@@ -206,6 +207,28 @@ def _stream_rate(block: Block) -> float | None:
     """Completion tokens per second of one stream: tokens over the summed request durations."""
     busy = sum(block.latencies_s)
     return block.tokens / busy if block.tokens and busy > 0 else None
+
+
+@contextlib.asynccontextmanager
+async def _load_client(url: str, concurrency: int) -> AsyncIterator[tuple[Upstream, str]]:
+    """The bench's load client for the server of ``url`` (its own pool of up to ``concurrency``
+    connections, kept for the whole run) and the request path to send to."""
+    base, path = _split_url(url)
+    client = Upstream(base, read_timeout_s=300, max_connections=concurrency)
+    try:
+        yield client, path
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def _sides(direct_url: str, proxy_url: str,
+                 concurrency: int) -> AsyncIterator[tuple[tuple[Upstream, str], tuple[Upstream, str]]]:
+    """A load client and path per side, direct then proxied: one pool each, because a pool shared
+    by both, full at ``concurrency``, closed the idle connections to one side to open those to
+    the other at each switch of blocks."""
+    async with _load_client(direct_url, concurrency) as direct, _load_client(proxy_url, concurrency) as proxied:
+        yield direct, proxied
 
 
 async def _compare_mixed(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
@@ -218,19 +241,11 @@ async def _compare_mixed(direct_url: str, proxy_url: str, body: dict, concurrenc
     shows what the proxy does to a stream. The ratios per block are judged like the others
     (:func:`median_interval`).
     """
-    direct_base, direct_path = _split_url(direct_url)
-    proxy_base, proxy_path = _split_url(proxy_url)
-    direct = Upstream(direct_base, read_timeout_s=300, max_connections=concurrency)
-    proxied = Upstream(proxy_base, read_timeout_s=300, max_connections=concurrency)
     pairs: list[tuple[Block, Block]] = []
-    try:
-        await _run_mixed_block((direct, direct_path), (proxied, proxy_path), body, concurrency, concurrency)  # warm-up
+    async with _sides(direct_url, proxy_url, concurrency) as (direct, proxied):
+        await _run_mixed_block(direct, proxied, body, concurrency, concurrency)  # warm-up
         for _ in range(rounds):
-            pairs.append(await _run_mixed_block((direct, direct_path), (proxied, proxy_path), body, concurrency,
-                                                requests))
-    finally:
-        await direct.close()
-        await proxied.close()
+            pairs.append(await _run_mixed_block(direct, proxied, body, concurrency, requests))
     d, p = _merge([a for a, _ in pairs]), _merge([b for _, b in pairs])
     by_round = [pr / dr for dr, pr in ((_stream_rate(a), _stream_rate(b)) for a, b in pairs) if dr and pr]
     direct_rate, proxy_rate = _stream_rate(d), _stream_rate(p)
@@ -313,14 +328,7 @@ def _cpu_seconds(pid: int) -> float:
 
 async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
                    rounds: int, proxy_pid: int | None) -> dict:
-    # One client (one connection pool) per side, each keeping its connections for the whole run.
-    # (A pool shared by both sides, full at ``concurrency``, closed the idle connections to one
-    # side to open those to the other at each switch of blocks.)
-    direct_base, direct_path = _split_url(direct_url)
-    proxy_base, proxy_path = _split_url(proxy_url)
-    direct_client = Upstream(direct_base, read_timeout_s=300, max_connections=concurrency)
-    proxy_client = Upstream(proxy_base, read_timeout_s=300, max_connections=concurrency)
-    try:
+    async with _sides(direct_url, proxy_url, concurrency) as ((direct_client, direct_path), (proxy_client, proxy_path)):
         # warm-up, not counted: opens each side's connections
         await _run_block(direct_client, direct_path, body, concurrency, concurrency)
         await _run_block(proxy_client, proxy_path, body, concurrency, concurrency)
@@ -338,9 +346,6 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
                 cpu_by_round.append(spent / max(1, len(proxied[-1].latencies_s)) * 1e6)
             if proxy_first:
                 direct.append(await _run_block(direct_client, direct_path, body, concurrency, requests))
-    finally:
-        await direct_client.close()
-        await proxy_client.close()
     d, p = _merge(direct), _merge(proxied)
     n = len(p.latencies_s)
     result = {
@@ -555,6 +560,13 @@ def _fmt(v, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _spread(interval: dict, spec: str) -> str:
+    """``, 97% interval LOW - HIGH`` for a :func:`median_interval` result; empty without an interval."""
+    if interval["low"] is None:
+        return ""
+    return f", {interval['coverage']:.0%} interval {format(interval['low'], spec)} - {format(interval['high'], spec)}"
+
+
 def print_tables(result: dict) -> None:
     if result.get("proxy"):
         itl = next((r["itl_ms"] for r in result["proxy"] if r.get("itl_ms")), None)
@@ -575,8 +587,7 @@ def print_tables(result: dict) -> None:
             iv = r["proxy_cpu_us_per_request_rounds"]
             if r["stream"] or not iv["n"]:
                 continue
-            spread = (f", {iv['coverage']:.0%} interval {iv['low']:.0f} - {iv['high']:.0f}"
-                      if iv["low"] is not None else "")
+            spread = _spread(iv, ".0f")
             print(f"CPU per non-streamed request at concurrency {r['concurrency']}, {_rounds(iv['n'])}: median "
                   f"{iv['median']:.0f} us{spread}; target "
                   f"{against_target(iv, TARGET_CPU_PER_REQUEST_US, higher_is_better=False)}")
@@ -585,8 +596,7 @@ def print_tables(result: dict) -> None:
                 continue
             for key, target in (("added_p50_ms", TARGET_ADDED_P50_MS), ("added_p99_ms", TARGET_ADDED_P99_MS)):
                 iv = r[f"{key}_rounds"]
-                spread = (f", {iv['coverage']:.0%} interval {iv['low']:.2f} - {iv['high']:.2f}"
-                          if iv["low"] is not None else "")
+                spread = _spread(iv, ".2f")
                 print(f"{key[6:9]} added per round (proxied block minus the direct block of its round), non-streamed, "
                       f"concurrency 16, {_rounds(iv['n'])}: median {iv['median']:.2f} ms{spread}; target "
                       f"{against_target(iv, target, higher_is_better=False)}")
@@ -600,16 +610,14 @@ def print_tables(result: dict) -> None:
               f"(target >= {TARGET_STACK_TOKENS_RATIO}); added p50 {_fmt(r['added_p50_ms'])} ms")
         iv = r.get("tokens_per_s_ratio_rounds")
         if iv and iv["n"]:
-            spread = (f", {iv['coverage']:.0%} interval {_fmt(iv['low'], '.3f')} - {_fmt(iv['high'], '.3f')}"
-                      if iv["low"] is not None else "")
+            spread = _spread(iv, ".3f")
             print(f"  ratio per round (proxied block / the direct block of its round), {_rounds(iv['n'])}: median "
                   f"{_fmt(iv['median'], '.3f')}{spread}; target "
                   f"{against_target(iv, TARGET_STACK_TOKENS_RATIO, higher_is_better=True)}")
         m = r.get("mixed")
         if m:
             iv = m["stream_tokens_per_s_ratio_rounds"]
-            spread = (f", {iv['coverage']:.0%} interval {_fmt(iv['low'], '.3f')} - {_fmt(iv['high'], '.3f')}"
-                      if iv["low"] is not None else "")
+            spread = _spread(iv, ".3f")
             print(f"  direct and proxied in the same blocks ({m['requests_direct']} + {m['requests_proxy']} requests, "
                   f"errors {m['errors_direct']} + {m['errors_proxy']}): per-stream tokens/s direct "
                   f"{_fmt(m['direct_stream_tokens_per_s'], '.1f')}, via proxy {_fmt(m['proxy_stream_tokens_per_s'], '.1f')}; "

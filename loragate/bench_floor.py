@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 
-from loragate.bench import _cpu_seconds, _run_block, _split_url, _wait_http
+from loragate.bench import _cpu_seconds, _load_client, _run_block, _wait_http
 from loragate.bench_upstream import MODEL, _completion_body
 from loragate.stack import free_port
 
@@ -167,17 +167,11 @@ def serve(port: int) -> None:
 
 async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
     """CPU of process ``pid`` per non-streamed request, the bench client sending to ``url``."""
-    from loragate.server.upstream import Upstream
-
-    base, path = _split_url(url)
-    client = Upstream(base, read_timeout_s=60, max_connections=concurrency)  # the bench's own load client
-    try:
+    async with _load_client(url, concurrency) as (client, path):
         await _run_block(client, path, BODY, concurrency, requests)  # warm-up
         before = _cpu_seconds(pid)
         block = await _run_block(client, path, BODY, concurrency, requests)
         cpu = _cpu_seconds(pid) - before
-    finally:
-        await client.close()
     if block.errors:
         raise RuntimeError(f"{block.errors} of {requests} requests to the null server failed")
     return cpu / requests * 1e6
@@ -217,12 +211,8 @@ async def _client_floor(upstream_url: str, concurrency: int, requests: int) -> f
 async def _stream_floor(url: str, pid: int, concurrency: int, requests: int, short: int, long: int) -> float:
     """CPU of process ``pid`` per streamed event: the slope between streams of ``short`` and
     ``long`` events, as ``loragate bench proxy`` computes the proxy's (``chunk_costs``)."""
-    from loragate.server.upstream import Upstream
-
-    base, path = _split_url(url)
-    client = Upstream(base, read_timeout_s=60, max_connections=concurrency)
     per_request = {}
-    try:
+    async with _load_client(url, concurrency) as (client, path):
         for events in (short, long):
             body = {**BODY, "max_tokens": events, "stream": True}
             await _run_block(client, path, body, concurrency, concurrency)  # warm-up
@@ -232,8 +222,6 @@ async def _stream_floor(url: str, pid: int, concurrency: int, requests: int, sho
             if block.errors or block.chunks != events * requests:
                 raise RuntimeError(f"streams through the pass-through relay: {block.errors} failed, "
                                    f"{block.chunks} of {events * requests} events arrived")
-    finally:
-        await client.close()
     return (per_request[long] - per_request[short]) / (long - short)
 
 
