@@ -136,21 +136,43 @@ async def _run_block(client: Upstream, path: str, body: dict, concurrency: int, 
     reached the proxy one wake-up at a time, and at concurrency 64 some blocks ran with a fifth
     of the client's connections in use, five times slower, on both sides alike.
     """
-    block = Block()
+    (block,) = await _run_sides(((client, path),), body, concurrency, requests)
+    return block
+
+
+async def _run_mixed_block(direct: tuple[Upstream, str], proxied: tuple[Upstream, str], body: dict,
+                           concurrency: int, requests: int) -> tuple[Block, Block]:
+    """One block with both sides in it: ``requests`` requests, ``concurrency`` at a time, each
+    worker's requests alternating between direct and proxied (half the workers start on each
+    side), so both sides always have requests in the engine's batch together."""
+    direct_block, proxied_block = await _run_sides((direct, proxied), body, concurrency, requests)
+    return direct_block, proxied_block
+
+
+async def _run_sides(sides: tuple[tuple[Upstream, str], ...], body: dict, concurrency: int,
+                     requests: int) -> list[Block]:
+    """``requests`` requests of ``body``, ``concurrency`` at a time; worker ``w`` starts on side
+    ``w % len(sides)`` and takes the sides in turn. One block per side, each with the whole
+    run's wall time."""
+    blocks = [Block() for _ in sides]
     remaining = requests
     stream = bool(body.get("stream"))
     payload = json.dumps(body).encode()
 
-    async def worker() -> None:
+    async def worker(side: int) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            await _one(client, path, payload, stream, block)
+            client, path = sides[side]
+            await _one(client, path, payload, stream, blocks[side])
+            side = (side + 1) % len(sides)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    block.wall_s = time.perf_counter() - t0
-    return block
+    await asyncio.gather(*(worker(w % len(sides)) for w in range(concurrency)))
+    wall_s = time.perf_counter() - t0
+    for block in blocks:
+        block.wall_s = wall_s
+    return blocks
 
 
 async def _one(client: Upstream, path: str, payload: bytes, stream: bool, block: Block) -> None:
@@ -175,32 +197,6 @@ async def _one(client: Upstream, path: str, payload: bytes, stream: bool, block:
         ok = False
     block.latencies_s.append(time.perf_counter() - t0)
     block.errors += not ok
-
-
-async def _run_mixed_block(direct: tuple[Upstream, str], proxied: tuple[Upstream, str], body: dict,
-                           concurrency: int, requests: int) -> tuple[Block, Block]:
-    """One block with both sides in it: ``requests`` requests, ``concurrency`` at a time, each
-    worker's requests alternating between direct and proxied (half the workers start on each
-    side), so both sides always have requests in the engine's batch together."""
-    blocks = (Block(), Block())
-    sides = (direct, proxied)
-    remaining = requests
-    stream = bool(body.get("stream"))
-    payload = json.dumps(body).encode()
-
-    async def worker(first: int) -> None:
-        nonlocal remaining
-        side = first
-        while remaining > 0:
-            remaining -= 1
-            client, path = sides[side]
-            await _one(client, path, payload, stream, blocks[side])
-            side = 1 - side
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(w % 2) for w in range(concurrency)))
-    blocks[0].wall_s = blocks[1].wall_s = time.perf_counter() - t0
-    return blocks
 
 
 def _stream_rate(block: Block) -> float | None:

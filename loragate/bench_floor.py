@@ -168,7 +168,7 @@ def serve(port: int) -> None:
 async def _server_floor(url: str, pid: int, concurrency: int, requests: int) -> float:
     """CPU of process ``pid`` per non-streamed request, the bench client sending to ``url``."""
     async with _load_client(url, concurrency) as (client, path):
-        await _run_block(client, path, BODY, concurrency, requests)  # warm-up
+        await _run_block(client, path, BODY, concurrency, concurrency)  # warm-up
         before = _cpu_seconds(pid)
         block = await _run_block(client, path, BODY, concurrency, requests)
         cpu = _cpu_seconds(pid) - before
@@ -259,7 +259,7 @@ def measure(concurrency: int, requests: int, itl_ms: float = PACED_ITL_MS) -> di
                                                 concurrency, requests))
         print(f"[bench floor] pass-through relay, streams paced {itl_ms:g} ms, concurrency {concurrency} ...",
               file=sys.stderr, flush=True)
-        stream_requests = max(concurrency, STREAM_REQUESTS_PER_WORKER * concurrency)
+        stream_requests = STREAM_REQUESTS_PER_WORKER * concurrency
         passthrough_event = asyncio.run(_stream_floor(
             f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency, stream_requests,
             STREAM_EVENTS[0], STREAM_EVENTS[1]))
