@@ -478,11 +478,23 @@ def keep_off(pid: int, cpus: set[int]) -> set[int] | None:
     rest = os.sched_getaffinity(0) - cpus
     if not cpus or not rest:
         return None
+    return rest if pin_process(pid, rest) else None
+
+
+def pin_process(pid: int, cpus: set[int]) -> bool:
+    """Run every thread of process ``pid`` on ``cpus`` from now on, and so the threads they
+    start later (a thread starts with its creator's CPUs); False when the process is gone or
+    may not be moved. ``sched_setaffinity`` moves the one thread it names: each is moved."""
     try:
-        os.sched_setaffinity(pid, rest)
+        os.sched_setaffinity(pid, cpus)  # the main thread first: threads it starts from now on follow
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:
+                continue  # the thread ended between the listing and the move
     except OSError:
-        return None
-    return rest
+        return False
+    return True
 
 
 def _cpu_list(cpus: set[int]) -> str:

@@ -127,22 +127,31 @@ def test_the_proxy_keeps_off_the_cores_of_vllms_compute_thread(stack: st.StackIn
         assert os.sched_getaffinity(thread.id) == machine - engine
 
 
-def test_keep_off_moves_a_process_and_its_later_threads_and_leaves_it_when_it_cannot(tmp_path: Path) -> None:
+def test_keep_off_moves_a_process_its_threads_and_its_later_threads_and_leaves_it_when_it_cannot(tmp_path: Path) -> None:
     machine = os.sched_getaffinity(0)
-    code = "import threading, time; time.sleep(0.5); t = threading.Thread(target=time.sleep, args=(5,)); t.start(); t.join()"
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    ready = tmp_path / "ready"
+    # one thread running before the move, one started after it
+    code = ("import pathlib, sys, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(10,), daemon=True).start()\n"
+            "pathlib.Path(sys.argv[1]).touch()\n"
+            "time.sleep(1.0)\n"
+            "t = threading.Thread(target=time.sleep, args=(10,)); t.start(); t.join()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready)])
     try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(psutil.Process(proc.pid).threads()) == 2
         first = min(machine)
         assert st.keep_off(proc.pid, machine) is None  # no CPU left: left as it was
         assert os.sched_getaffinity(proc.pid) == machine
         assert st.keep_off(proc.pid, set()) is None
         if len(machine) > 1:
             assert st.keep_off(proc.pid, {first}) == machine - {first}
-            deadline = time.monotonic() + 10
-            while len(psutil.Process(proc.pid).threads()) < 2 and time.monotonic() < deadline:
+            while len(psutil.Process(proc.pid).threads()) < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
             threads = psutil.Process(proc.pid).threads()
-            assert len(threads) == 2 and all(os.sched_getaffinity(t.id) == machine - {first} for t in threads)
+            assert len(threads) == 3 and all(os.sched_getaffinity(t.id) == machine - {first} for t in threads)
     finally:
         proc.kill()
         proc.wait()
