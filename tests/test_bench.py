@@ -27,6 +27,12 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
     assert "CPU per non-streamed request at concurrency 4, 1 round: median" in run.stdout
     result = json.loads(out.read_text())
     assert result["machine"]["cpus"] >= 1
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:  # the proxy alone on the last CPU, the client and upstream on the others
+        assert result["proxy_placement"] == {"measured_cpus": cpus[-1:], "client_and_upstream_cpus": cpus[:-1]}
+        assert f"proxy on CPU {cpus[-1]}, client and upstream on CPU {','.join(map(str, cpus[:-1]))}" in run.stdout
+    else:
+        assert result["proxy_placement"] is None and "all on the same CPUs" in run.stdout
     rows = result["proxy"]
     assert sorted((r["concurrency"], r["stream"], r.get("chunks_per_request")) for r in rows) == [
         (1, False, None), (1, True, 8), (1, True, 32), (4, False, None), (4, True, 8), (4, True, 32)]
@@ -50,6 +56,7 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
                        for n in (8, 32))
         assert c["cpu_us_per_chunk_marginal"] == pytest.approx(
             (long["proxy_cpu_us_per_request"] - short["proxy_cpu_us_per_request"]) / 24)
+        assert c["cpu_us_per_chunk_marginal_by_round"] == [pytest.approx(c["cpu_us_per_chunk_marginal"])]
 
 
 def test_the_chunk_cost_is_the_slope_between_short_and_long_streams():
@@ -66,14 +73,63 @@ def test_the_chunk_cost_is_the_slope_between_short_and_long_streams():
     assert cost["cpu_us_per_chunk_marginal"] == pytest.approx(15.0)
 
 
+def test_the_chunk_cost_is_judged_per_round_like_the_others(capsys):
+    from loragate import bench
+
+    short = [900.0, 910.0, 880.0, 950.0, 905.0, 890.0]
+    long = [2580.0, 3000.0, 2600.0, 3000.0, 2700.0, 2650.0]  # slopes 15.0, 18.66, 15.36, 18.3, 16.03, 15.71
+    rows = [{"concurrency": 16, "stream": True, "chunks_per_request": n, "proxy_cpu_us_per_request": cpu[0],
+             "proxy_cpu_us_per_request_by_round": cpu} for n, cpu in ((16.0, short), (128.0, long))]
+    (cost,) = bench.chunk_costs(rows)
+    assert cost["cpu_us_per_chunk_marginal_by_round"] == pytest.approx([(b - a) / 112 for a, b in zip(short, long)])
+    iv = cost["cpu_us_per_chunk_marginal_rounds"]
+    assert (iv["n"], iv["low"], iv["high"]) == (6, pytest.approx(15.0), pytest.approx(2090 / 112))
+    row = {"concurrency": 16, "stream": True, "itl_ms": 2.0, "chunks_per_request": 128.0, "added_p50_ms": 0.1,
+           "added_p99_ms": 0.2, "added_ms_per_chunk": 0.001, "requests_per_s_ratio": 1.0, "chunks_per_s_ratio": 1.0,
+           "proxy_cpu_us_per_request": long[0], "proxy_cpu_us_per_chunk": long[0] / 128,
+           "proxy_cpu_us_per_request_rounds": bench.median_interval(long)}
+    bench.print_tables({"proxy": [row], "proxy_chunk_cost": [cost]})
+    out = capsys.readouterr().out
+    assert ("CPU per chunk at concurrency 16 (streams of 128 vs 16 chunks): 15.0 us; per round, 6 rounds: "
+            "median 15.9 us, 97% interval 15.0 - 18.7; target met") in out
+    long[5] = 3200.0  # one round above 20 us per chunk: the interval spans the target
+    (cost,) = bench.chunk_costs(rows)
+    bench.print_tables({"proxy": [row], "proxy_chunk_cost": [cost]})
+    assert "target not shown (the interval spans the target)" in capsys.readouterr().out
+
+
+def test_on_cpus_runs_what_it_starts_there_and_puts_the_thread_back():
+    from loragate import bench
+
+    before = os.sched_getaffinity(0)
+    first = {min(before)}
+    with bench.on_cpus(frozenset(first)):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+        assert os.sched_getaffinity(0) == first
+    try:
+        assert os.sched_getaffinity(child.pid) == first and os.sched_getaffinity(0) == before
+    finally:
+        child.kill()
+        child.wait()
+    with bench.on_cpus(None):  # no placement: nothing moves
+        assert os.sched_getaffinity(0) == before
+    placement = bench.split_cpus()
+    if len(before) > 1:
+        assert placement.measured == {max(before)} and placement.load == before - {max(before)}
+    else:
+        assert placement is None
+    assert bench.split_cpus(shared=True) is None
+
+
 def test_paced_proxy_benchmark_says_so_and_records_the_pacing(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "4", "--requests", "16",
-         "--rounds", "1", "--chunks", "4", "--long-chunks", "12", "--itl-ms", "1", "--out", str(out)],
+         "--rounds", "1", "--chunks", "4", "--long-chunks", "12", "--itl-ms", "1", "--shared-cpus", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Proxy overhead (bench upstream, streamed tokens 1 ms apart;" in run.stdout
+    assert "Proxy overhead (bench upstream, streamed tokens 1 ms apart; all on the same CPUs;" in run.stdout
+    assert json.loads(out.read_text())["proxy_placement"] is None
     rows = json.loads(out.read_text())["proxy"]
     assert [r["itl_ms"] for r in rows] == [None, 1.0, 1.0]
     for r in rows:
@@ -126,6 +182,9 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     v = result["verdict"]
     assert v["verdict"] == "PROMOTE" and v["exit_code"] == 0 and v["requests"] > 100
     assert {"static", "plan", "suite", "total"} <= set(v["phases_s"]) and v["wall_s"] >= v["phases_s"]["total"]
+    # the gate's reports are kept beside the bench's result, not left in a temporary folder
+    assert v["report_dir"] == str(tmp_path / "bench-gate-poster-good")
+    assert (tmp_path / "bench-gate-poster-good" / "report.json").is_file()
     assert read_promoted(promoted_dir()) == before  # benchmarking never promotes
 
 
@@ -152,6 +211,10 @@ def test_floor_benchmark_measures_the_server_and_client_layers_alone(tmp_path):
     assert "asyncio pass-through" in run.stdout
     r = json.loads(out.read_text())
     assert r["concurrency"] == 4 and r["requests"] == 600
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        assert r["placement"] == {"measured_cpus": cpus[-1:], "client_and_upstream_cpus": cpus[:-1]}
+        assert f"each measured process on CPU {cpus[-1]}, bench client and upstream on CPU" in run.stdout
     assert r["server_cpu_us_per_request"] > 0 and r["client_cpu_us_per_request"] > 0
     assert r["floor_cpu_us_per_request"] == pytest.approx(r["server_cpu_us_per_request"] + r["client_cpu_us_per_request"])
     assert r["passthrough_cpu_us_per_request"] > 0
