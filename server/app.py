@@ -22,6 +22,11 @@ does, had the whole answer: its stream counts as complete); an upstream that bre
 mid-stream, or ends its stream before every choice has a ``finish_reason`` and without
 ``[DONE]``, is an upstream error, and the client gets an OpenAI-style error event before the
 stream closes.
+
+Streamed events are read and forwarded in the engine connection's read callback, through the
+server's :class:`~loragate.server.serving.BodyWriter` when it offers one, while the client keeps
+up; otherwise (another ASGI server, a client applying back-pressure, a disconnect) the
+request's task forwards them with ``send``. Either way each byte is read once, in order.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
 from loragate.server.metrics import ProxyMetrics
+from loragate.server.serving import BODY_WRITER, BodyWriter
 from loragate.server.sse import StreamTally
 from loragate.server.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
 
@@ -426,7 +432,8 @@ class ProxyApp:
         ex.status = resp.status
         try:
             if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
-                await self._relay_stream(send, receive, resp, ex, strip_usage)
+                await self._relay_stream(send, receive, resp, ex, strip_usage,
+                                         (scope.get("extensions") or {}).get(BODY_WRITER))
             else:
                 await self._relay_whole(send, resp, ex)
         finally:
@@ -468,7 +475,7 @@ class ProxyApp:
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
     async def _relay_stream(self, send: Send, receive: Receive, resp: UpstreamResponse, ex: _Exchange,
-                            strip_usage: bool) -> None:
+                            strip_usage: bool, writer: BodyWriter | None = None) -> None:
         gone = asyncio.Event()
 
         async def watch_disconnect() -> None:
@@ -480,20 +487,40 @@ class ProxyApp:
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
         tally = StreamTally(strip_usage)
         model_seen = False
+
+        def feed(chunk: bytes) -> bytes:
+            nonlocal model_seen
+            out = tally.feed(chunk)
+            if tally.model is not None and not model_seen:
+                ex.adapter = self.names.label(tally.model)
+                model_seen = True
+            if tally.has_output and ex.ttft_s is None:
+                ex.ttft_s = time.perf_counter() - ex.started
+            return out
+
+        def forward_now(chunk: bytes) -> bool:
+            """Forward from the engine connection's read callback while the client can take it;
+            else leave the chunk to this task's loop, which waits for the client."""
+            if gone.is_set() or not ready():
+                return False
+            out = feed(chunk)
+            if out:
+                write(out)
+            return True
+
+        sink = None
+        if writer is not None:  # served by uvicorn with CorkedHttpToolsProtocol
+            ready, write, sink = writer.ready, writer.write, forward_now
+
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
             next_chunk = resp.next_chunk
-            while (chunk := await next_chunk()) is not None:
+            while (chunk := await next_chunk(sink)) is not None:
                 if gone.is_set():
                     if tally.done:
                         break  # the client left after [DONE]: it has the whole answer
                     raise _ClientGone
-                out = tally.feed(chunk)
-                if tally.model is not None and not model_seen:
-                    ex.adapter = self.names.label(tally.model)
-                    model_seen = True
-                if tally.has_output and ex.ttft_s is None:
-                    ex.ttft_s = time.perf_counter() - ex.started
+                out = feed(chunk)
                 if out:
                     try:
                         await send({"type": "http.response.body", "body": out, "more_body": True})

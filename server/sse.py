@@ -104,7 +104,11 @@ class StreamTally:
             if not isinstance(c, dict):
                 continue
             index = c.get("index", 0)
-            slot = self.choices.setdefault(index if isinstance(index, int) else 0, ChoiceText())
+            if not isinstance(index, int):
+                index = 0
+            slot = self.choices.get(index)
+            if slot is None:
+                slot = self.choices[index] = ChoiceText()
             piece = c.get("text")
             if piece is None:
                 delta = c.get("delta")

@@ -12,7 +12,8 @@ Semantics:
 
 - A request is written in one piece (head and body); hop-by-hop headers are not forwarded.
 - :meth:`Upstream.send` returns once the status line and headers are in; the body then comes
-  through :meth:`UpstreamResponse.iter_chunks` (as it arrives) or :meth:`UpstreamResponse.read`.
+  through :meth:`UpstreamResponse.iter_chunks` (as it arrives) or :meth:`UpstreamResponse.read`,
+  or :meth:`UpstreamResponse.next_chunk`, whose ``sink`` takes bytes in the read callback itself.
   Reading stops while more than :data:`HIGH_WATER` bytes wait unread (a slow client slows the
   engine's connection, nothing piles up in memory).
 - The read timeout is the longest wait for the next byte, from the request on: a stream that
@@ -34,7 +35,7 @@ import asyncio
 import json
 import ssl
 from collections import deque
-from typing import AsyncIterator, Awaitable
+from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -87,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future | None = None
+        self._sink: Callable[[bytes], bool] | None = None
         self._error: UpstreamError | None = None
         self.complete = False
         self.keep_alive = False
@@ -138,6 +140,9 @@ class _Connection(asyncio.Protocol):
             name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers)
 
     def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None and sink(body):
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused:
@@ -203,14 +208,23 @@ class _Connection(asyncio.Protocol):
         self.abort()
 
     def _wake(self) -> None:
+        self._sink = None  # disarmed: what comes next waits behind what the waiter is handed
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def next_chunk(self) -> bytes | None:
-        """The next body bytes, or ``None`` at the end of the answer."""
+    async def next_chunk(self, sink: Callable[[bytes], bool] | None = None) -> bytes | None:
+        """The next body bytes, or ``None`` at the end of the answer.
+
+        With a ``sink``, bytes that arrive while this waits go to ``sink(data)`` first, called
+        from the connection's read callback: it returns True when it has taken them (this keeps
+        waiting), False to leave them, and all that follows, to this call, which then returns
+        them. The sink is armed only while this waits with nothing buffered and is disarmed
+        once it declines, so bytes reach the sink or the caller, in the order they came, and
+        never both.
+        """
         while True:
             if self._body:
                 if len(self._body) == 1:
@@ -230,7 +244,11 @@ class _Connection(asyncio.Protocol):
             if self.complete:
                 return None
             self._waiter = self.loop.create_future()
-            await self._waiter
+            self._sink = sink
+            try:
+                await self._waiter
+            finally:
+                self._sink = None
 
     def abort(self) -> None:
         self.closed = True
@@ -262,10 +280,11 @@ class UpstreamResponse:
         self.content_type: str = content_type.decode("latin-1")
         self._released = False
 
-    def next_chunk(self) -> Awaitable[bytes | None]:
+    def next_chunk(self, sink: Callable[[bytes], bool] | None = None) -> Awaitable[bytes | None]:
         """The next body bytes as they arrive, or ``None`` at the end of the answer (what
-        :meth:`iter_chunks` yields, without an async generator's cost per chunk)."""
-        return self._conn.next_chunk()
+        :meth:`iter_chunks` yields, without an async generator's cost per chunk); bytes that
+        arrive meanwhile go to ``sink`` while it takes them (see ``_Connection.next_chunk``)."""
+        return self._conn.next_chunk(sink)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive."""

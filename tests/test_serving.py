@@ -124,3 +124,59 @@ def test_a_served_answer_reaches_the_client_in_one_segment(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with_send(tmp_path):
+    """Through real uvicorn with the proxy's settings: every request is offered a BodyWriter;
+    it is ready only between the start and the end of a chunked answer and while the client's
+    connection is not paused; what it writes is framed as uvicorn frames ``send``'s chunks and
+    keeps its place among them."""
+    import threading
+
+    import uvicorn
+
+    from loragate.server.serving import BODY_WRITER
+
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        writer = scope["extensions"][BODY_WRITER]
+        seen["before_start"] = writer.ready()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        seen["streaming"] = writer.ready()
+        writer.write(b"data: 1\n\n")
+        await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
+        writer.write(b"data: 3\n\n")
+        flow = writer._cycle.flow  # what uvicorn pauses when the client's connection is full
+        flow.pause_writing()
+        seen["paused"] = writer.ready()
+        flow.resume_writing()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen["after_end"] = writer.ready()
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", **UVICORN_SETTINGS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            got = b""
+            while not got.endswith(b"0\r\n\r\n"):
+                data = sock.recv(65536)
+                assert data, got
+                got += data
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n0\r\n\r\n"
+        assert seen == {"before_start": False, "streaming": True, "paused": False, "after_end": False}
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -131,6 +131,51 @@ def test_chunked_stream_arrives_piece_by_piece_before_it_ends():
     serve(handler, test)
 
 
+def test_a_sink_takes_bytes_in_the_read_callback_until_it_declines_and_nothing_is_read_twice():
+    async def handler(reader, writer, state):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        await state["next"].wait()  # the first event once the client waits for it (else it is buffered)
+        state["next"].clear()
+        for events in ((0,), (1,), (2, 3), (4,), (5,)):  # 2 and 3 in one write: one read callback
+            writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %d\n\n" % i for i in events)))
+            await writer.drain()
+            await state["next"].wait()  # the next write only once the client has this one
+            state["next"].clear()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def test(url, state):
+        state["next"] = asyncio.Event()
+        taken: list[bytes] = []
+        offered: list[bytes] = []
+
+        def sink(data: bytes) -> bool:
+            offered.append(data)
+            if data == b"data: 2\n\n":
+                return False  # declined: the waiting call returns it
+            taken.append(data)
+            state["next"].set()
+            return True
+
+        up = Upstream(url, read_timeout_s=5)
+        resp = await up.send("POST", "/v1/completions", [], b"{}")
+        returned = []
+        state["next"].set()
+        while (chunk := await resp.next_chunk(sink)) is not None:
+            returned.append(chunk)
+            state["next"].set()
+        resp.close()
+        await up.close()
+        # declining 2 disarms the sink: 3, read in the same callback, waits behind 2 for the caller
+        assert taken == [b"data: 0\n\n", b"data: 1\n\n", b"data: 4\n\n", b"data: 5\n\n"]
+        assert returned == [b"data: 2\n\ndata: 3\n\n"]
+        assert offered == [b"data: %d\n\n" % i for i in (0, 1, 2, 4, 5)]  # each offered once, in order
+
+    serve(handler, test)
+
+
 def test_head_answer_has_no_body_and_eof_framed_body_ends_at_close():
     async def handler(reader, writer, state):
         line, _, _ = await read_request(reader)
