@@ -32,6 +32,7 @@ request's task forwards them with ``send``. Either way each byte is read once, i
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -170,6 +171,12 @@ class ProxyApp:
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
         self.names = AdapterNames(self._contracts, self.upstream)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
+        # What start-up built lives as long as the process: out of the collector's sight, an
+        # oldest-generation collection no longer walks it (the ~35,000 objects of the imports
+        # alone took 12.7 ms to walk, a pause every request in flight would wait out). vLLM's
+        # server does the same after its start-up (vllm.utils.gc_utils.freeze_gc_heap).
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         for task in self._background:

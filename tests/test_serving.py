@@ -180,3 +180,25 @@ def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_heap_built_at_start_up_is_frozen_out_of_the_collectors_walks():
+    """After the proxy's start-up an oldest-generation collection walks only what serving
+    made since: the start-up heap (imports, contracts, metrics) is frozen."""
+    import gc
+
+    from loragate.server.app import ProxyApp
+    from loragate.server.config import ProxyConfig
+
+    async def main():
+        app = ProxyApp(ProxyConfig(upstream=f"http://127.0.0.1:{free_port()}"))
+        gc.unfreeze()
+        assert gc.get_freeze_count() == 0
+        await app.startup()
+        try:
+            assert gc.get_freeze_count() > 10_000  # the imports alone are tens of thousands of objects
+        finally:
+            await app.shutdown()
+            gc.unfreeze()
+
+    asyncio.run(main())
