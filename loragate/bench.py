@@ -9,8 +9,10 @@ Three benchmarks, each printing a table and adding to one JSON result:
    as an engine does, so that each event costs the proxy a read and a write of its own.
    Reported: added latency p50/p99 per request, added time per streamed chunk, requests/s and
    chunks/s through the proxy as a share of direct, and the proxy process's CPU time per
-   request and per chunk (from its own CPU counters: client, proxy and upstream share the
-   machine's cores, so CPU per request is the fair figure, not raw requests/s). Streams run twice, short (``--chunks``) and long
+   request and per chunk (from its own CPU counters). The proxy runs alone on one CPU and the
+   client and upstream on the others (:func:`split_cpus`; ``--shared-cpus``: all on every
+   CPU); on few cores they still shape requests/s, so CPU per request is the fair figure,
+   not raw requests/s. Streams run twice, short (``--chunks``) and long
    (``--long-chunks``), because a streamed request's CPU is a fixed part plus a part per
    chunk: the difference between the two, divided by the difference in chunks, is the proxy's
    CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.

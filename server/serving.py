@@ -99,7 +99,7 @@ class BodyWriter:
     piece the engine sends and build a message for uvicorn to frame it. With this, the proxy
     forwards each event from the engine connection's own read callback
     (:meth:`loragate.server.upstream.UpstreamResponse.next_chunk`'s ``sink``): about 3 µs less
-    CPU per event, an eighth of what an engine-paced event costs the proxy in all (README,
+    CPU per event, a seventh of what an engine-paced event cost the proxy (README,
     "Performance").
 
     :meth:`ready` says whether a write may go out now: after the app has started a chunked
