@@ -4,7 +4,10 @@ loop turn writes after it leave together; a stream's later events leave at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+from typing import Iterator
 
 from loragate.server.serving import UVICORN_SETTINGS, CorkedTransport
 from loragate.stack import free_port
@@ -89,22 +92,10 @@ def test_close_sends_what_is_held_first_and_abort_drops_it():
     asyncio.run(main())
 
 
-def test_a_served_answer_reaches_the_client_in_one_segment(tmp_path):
-    """Through real uvicorn with the proxy's settings: head and body of a small answer arrive
-    together, and keep-alive and a second request on the same connection still work."""
-    import threading
-
+@contextlib.contextmanager
+def served(app) -> Iterator[int]:
+    """``app`` served by real uvicorn with the proxy's settings, in a thread; yields its port."""
     import uvicorn
-
-    body = b'{"ok": true}'
-
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        await receive()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
-        await send({"type": "http.response.body", "body": body})
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", **UVICORN_SETTINGS))
@@ -115,15 +106,31 @@ def test_a_served_answer_reaches_the_client_in_one_segment(tmp_path):
             if server.started:
                 break
             threading.Event().wait(0.05)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            for _ in range(2):
-                sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                first = sock.recv(65536)
-                assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + body), first
-                assert b"server:" not in first.lower()
+        yield port
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_served_answer_reaches_the_client_in_one_segment(tmp_path):
+    """Through real uvicorn with the proxy's settings: head and body of a small answer arrive
+    together, and keep-alive and a second request on the same connection still work."""
+    body = b'{"ok": true}'
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    with served(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + body), first
+            assert b"server:" not in first.lower()
 
 
 def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with_send(tmp_path):
@@ -131,10 +138,6 @@ def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with
     it is ready only between the start and the end of a chunked answer and while the client's
     connection is not paused; what it writes is framed as uvicorn frames ``send``'s chunks and
     keeps its place among them."""
-    import threading
-
-    import uvicorn
-
     from loragate.server.serving import BODY_WRITER
 
     seen: dict = {}
@@ -157,29 +160,17 @@ def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         seen["after_end"] = writer.ready()
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", **UVICORN_SETTINGS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            threading.Event().wait(0.05)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            got = b""
-            while not got.endswith(b"0\r\n\r\n"):
-                data = sock.recv(65536)
-                assert data, got
-                got += data
-        head, _, body = got.partition(b"\r\n\r\n")
-        assert b"transfer-encoding: chunked" in head.lower()
-        assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n0\r\n\r\n"
-        assert seen == {"before_start": False, "streaming": True, "paused": False, "after_end": False}
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        got = b""
+        while not got.endswith(b"0\r\n\r\n"):
+            data = sock.recv(65536)
+            assert data, got
+            got += data
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n0\r\n\r\n"
+    assert seen == {"before_start": False, "streaming": True, "paused": False, "after_end": False}
 
 
 def test_the_heap_built_at_start_up_is_frozen_out_of_the_collectors_walks():

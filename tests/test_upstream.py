@@ -101,19 +101,32 @@ def test_keep_alive_connection_is_reused_and_hop_by_hop_headers_stay_behind():
     assert b"connection" not in headers and b"expect" not in headers and headers[b"host"].startswith(b"127.0.0.1:")
 
 
-def test_chunked_stream_arrives_piece_by_piece_before_it_ends():
+def stream_in_steps(steps: tuple[tuple[int, ...], ...], wait_first: bool = False) -> Handler:
+    """A peer streaming SSE events ``data: N``, one chunked write per step (the events numbered
+    in it), each step only once the client has set ``state["next"]`` for the one before (with
+    ``wait_first``, the first too: the head comes alone)."""
+    async def next_step(state: dict) -> None:
+        await state["next"].wait()
+        state["next"].clear()
+
     async def handler(reader, writer, state):
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        for i in range(3):
-            event = b"data: %d\n\n" % i
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if wait_first:
+            await next_step(state)
+        for events in steps:
+            writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %d\n\n" % i for i in events)))
             await writer.drain()
-            await state["next"].wait()  # the next event only once the client has the previous one
-            state["next"].clear()
+            await next_step(state)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         await reader.read()
+
+    return handler
+
+
+def test_chunked_stream_arrives_piece_by_piece_before_it_ends():
+    handler = stream_in_steps(((0,), (1,), (2,)))
 
     async def test(url, state):
         state["next"] = asyncio.Event()
@@ -132,19 +145,9 @@ def test_chunked_stream_arrives_piece_by_piece_before_it_ends():
 
 
 def test_a_sink_takes_bytes_in_the_read_callback_until_it_declines_and_nothing_is_read_twice():
-    async def handler(reader, writer, state):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        await state["next"].wait()  # the first event once the client waits for it (else it is buffered)
-        state["next"].clear()
-        for events in ((0,), (1,), (2, 3), (4,), (5,)):  # 2 and 3 in one write: one read callback
-            writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %d\n\n" % i for i in events)))
-            await writer.drain()
-            await state["next"].wait()  # the next write only once the client has this one
-            state["next"].clear()
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        await reader.read()
+    # 2 and 3 in one write: one read callback; the first event only once the client waits for it
+    # (else it would come with the head and be buffered)
+    handler = stream_in_steps(((0,), (1,), (2, 3), (4,), (5,)), wait_first=True)
 
     async def test(url, state):
         state["next"] = asyncio.Event()
