@@ -20,6 +20,7 @@ benchmark (:mod:`loragate.bench_floor`) serves its null app with the same.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -113,20 +114,22 @@ class BodyWriter:
     __slots__ = ("_cycle",)
 
     def __init__(self, cycle: Any) -> None:
-        self._cycle = cycle
+        # weakly: the cycle's scope holds this writer, and a strong reference back would make
+        # every request a reference cycle left to the garbage collector
+        self._cycle = weakref.ref(cycle)
 
     def ready(self) -> bool:
-        cycle = self._cycle
+        cycle = self._cycle()
         try:
-            return (cycle.response_started and cycle.chunked_encoding is True and not cycle.response_complete
-                    and not cycle.disconnected and not cycle.flow.write_paused)
+            return (cycle is not None and cycle.response_started and cycle.chunked_encoding is True
+                    and not cycle.response_complete and not cycle.disconnected and not cycle.flow.write_paused)
         except AttributeError:
             return False
 
     def write(self, data: bytes) -> None:
         """Send ``data`` (not empty) as one chunk of the answer, framed as uvicorn frames it;
         only when :meth:`ready`."""
-        self._cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self._cycle().transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
 class CorkedHttpToolsProtocol(HttpToolsProtocol):

@@ -153,7 +153,7 @@ def test_the_body_writer_sends_chunks_only_while_uvicorn_could_and_in_order_with
         writer.write(b"data: 1\n\n")
         await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
         writer.write(b"data: 3\n\n")
-        flow = writer._cycle.flow  # what uvicorn pauses when the client's connection is full
+        flow = writer._cycle().flow  # what uvicorn pauses when the client's connection is full
         flow.pause_writing()
         seen["paused"] = writer.ready()
         flow.resume_writing()
@@ -193,3 +193,35 @@ def test_the_heap_built_at_start_up_is_frozen_out_of_the_collectors_walks():
             gc.unfreeze()
 
     asyncio.run(main())
+
+
+def test_a_request_leaves_no_reference_cycle_behind():
+    """Each request's objects (uvicorn's cycle, its scope, the BodyWriter in it) are freed when
+    the request is done, not left for the garbage collector: a collector pass finds none."""
+    import gc
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with served(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        def ask() -> None:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert sock.recv(65536).endswith(b"\r\n\r\nok")
+
+        ask()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(20):
+                ask()
+            threading.Event().wait(0.2)  # the server thread finishes its last request
+            gc.collect()
+            left = {type(o).__name__ for o in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert not left & {"RequestResponseCycle", "BodyWriter"}, left
