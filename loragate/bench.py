@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Iterator
+from typing import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -53,7 +53,7 @@ import httpx
 from loragate import settings
 from loragate.errors import LoragateError
 from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
-from loragate.stack import StackInfo, free_port
+from loragate.stack import StackInfo, cpu_list, free_port
 
 #: Targets the benchmark reports against (issue: proxy overhead at concurrency 16).
 TARGET_ADDED_P50_MS = 1.0
@@ -98,12 +98,8 @@ class Placement:
         return {"measured_cpus": sorted(self.measured), "client_and_upstream_cpus": sorted(self.load)}
 
     def describe(self, what: str) -> str:
-        return (f"{what} on CPU {_cpu_list(self.measured)}, bench client and upstream on CPU "
-                f"{_cpu_list(self.load)}")
-
-
-def _cpu_list(cpus: Iterable[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
+        return (f"{what} on CPU {cpu_list(self.measured)}, bench client and upstream on CPU "
+                f"{cpu_list(self.load)}")
 
 
 def split_cpus(shared: bool = False) -> Placement | None:
@@ -585,12 +581,10 @@ def bench_stack(adapter: str, requests: int, concurrency: int, rounds: int, shar
 
 
 def _bench_stack(info: StackInfo, adapter: str, requests: int, concurrency: int, rounds: int) -> dict:
-    import json as _json
-
     from loragate.contracts import load_contracts
 
     contract = load_contracts(info.contracts_file)[adapter]
-    prompt = _json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
+    prompt = json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
     body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     print(f"[bench stack] {adapter}: {rounds} x {requests} streamed requests each way ...", file=sys.stderr, flush=True)
@@ -656,8 +650,8 @@ def print_tables(result: dict) -> None:
         itl = next((r["itl_ms"] for r in result["proxy"] if r.get("itl_ms")), None)
         pacing = f"streamed tokens {itl:g} ms apart" if itl else "instant"
         where = result.get("proxy_placement")
-        place = (f"proxy on CPU {_cpu_list(where['measured_cpus'])}, client and upstream on CPU "
-                 f"{_cpu_list(where['client_and_upstream_cpus'])}") if where else "all on the same CPUs"
+        place = (f"proxy on CPU {cpu_list(where['measured_cpus'])}, client and upstream on CPU "
+                 f"{cpu_list(where['client_and_upstream_cpus'])}") if where else "all on the same CPUs"
         print(f"\nProxy overhead (bench upstream, {pacing}; {place}; added = proxy minus direct)")
         print(f"{'conc':>5} {'chunks':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'ms/chunk':>9} "
               f"{'req/s ratio':>11} {'chunk/s ratio':>13} {'CPU us/req':>10} {'CPU us/chunk':>12}")
@@ -695,7 +689,7 @@ def print_tables(result: dict) -> None:
     if result.get("stack"):
         r = result["stack"]
         where = r.get("placement")
-        place = (f"; engine on CPU {_cpu_list(where['engine_cpus'])}, proxy on CPU {_cpu_list(where['proxy_cpus'])}"
+        place = (f"; engine on CPU {cpu_list(where['engine_cpus'])}, proxy on CPU {cpu_list(where['proxy_cpus'])}"
                  if where else "")
         print(f"\nThrough the real stack ({r['adapter']}, concurrency {r['concurrency']}{place}): "
               f"direct {_fmt(r.get('direct_tokens_per_s'), '.1f')} tok/s, via proxy "

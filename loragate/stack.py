@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
 import httpx
 
@@ -533,7 +533,8 @@ def pin_process(pid: int, cpus: set[int]) -> bool:
     return True
 
 
-def _cpu_list(cpus: set[int]) -> str:
+def cpu_list(cpus: Iterable[int]) -> str:
+    """CPUs as Linux lists them: ``0,2,3``."""
     return ",".join(str(c) for c in sorted(cpus))
 
 
@@ -1068,8 +1069,8 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
             state["engine_cpus"] = sorted(engine_cpus)
             state["proxy_cpus"] = sorted(proxy_cpus) if proxy_cpus else None
             if proxy_cpus:
-                progress.say(f"vLLM's compute thread is bound to CPU {_cpu_list(engine_cpus)}: "
-                             f"the proxy runs on CPU {_cpu_list(proxy_cpus)}")
+                progress.say(f"vLLM's compute thread is bound to CPU {cpu_list(engine_cpus)}: "
+                             f"the proxy runs on CPU {cpu_list(proxy_cpus)}")
             _wait_http(f"{proxy_url}/health", proc=proxy_popen, role="proxy", log=proxy_log,
                        deadline=deadline, progress=progress, what="proxy /health",
                        also_alive=((vllm_popen, "vllm", vllm_log),))
