@@ -252,29 +252,27 @@ def measure(concurrency: int, requests: int, itl_ms: float = PACED_ITL_MS, place
     try:
         for port in (up_port, null_port, relay_port, paced_port, stream_relay_port):
             _wait_http(f"http://127.0.0.1:{port}/health")
-        print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        with on_cpus(load):
+        with on_cpus(load):  # the load client, beside the upstreams
+            print(f"[bench floor] uvicorn null app, concurrency {concurrency} ...", file=sys.stderr, flush=True)
             server = asyncio.run(_server_floor(f"http://127.0.0.1:{null_port}/v1/completions", procs[1].pid,
                                                concurrency, requests))
-        print(f"[bench floor] upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        with on_cpus(measured):  # the client is what is measured here
-            try:
-                import uvloop
+            print(f"[bench floor] upstream client, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+            with on_cpus(measured):  # the client is what is measured here
+                try:
+                    import uvloop
 
-                client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
-            except ImportError:
-                client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
-        print(f"[bench floor] asyncio pass-through relay, concurrency {concurrency} ...", file=sys.stderr, flush=True)
-        with on_cpus(load):
+                    client = uvloop.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+                except ImportError:
+                    client = asyncio.run(_client_floor(f"http://127.0.0.1:{up_port}", concurrency, requests))
+            print(f"[bench floor] asyncio pass-through relay, concurrency {concurrency} ...", file=sys.stderr,
+                  flush=True)
             passthrough = asyncio.run(_server_floor(f"http://127.0.0.1:{relay_port}/v1/completions", procs[2].pid,
                                                     concurrency, requests))
-        print(f"[bench floor] pass-through relay, streams paced {itl_ms:g} ms, concurrency {concurrency} ...",
-              file=sys.stderr, flush=True)
-        stream_requests = STREAM_REQUESTS_PER_WORKER * concurrency
-        with on_cpus(load):
+            print(f"[bench floor] pass-through relay, streams paced {itl_ms:g} ms, concurrency {concurrency} ...",
+                  file=sys.stderr, flush=True)
             passthrough_event = asyncio.run(_stream_floor(
-                f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency, stream_requests,
-                STREAM_EVENTS[0], STREAM_EVENTS[1]))
+                f"http://127.0.0.1:{stream_relay_port}/v1/completions", procs[4].pid, concurrency,
+                STREAM_REQUESTS_PER_WORKER * concurrency, STREAM_EVENTS[0], STREAM_EVENTS[1]))
     finally:
         for p in procs:
             p.terminate()
