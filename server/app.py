@@ -1,27 +1,39 @@
 """The proxy: an OpenAI-compatible pass-through in front of vLLM that judges every completion.
 
-Every path and method goes to the upstream unchanged (status, headers less hop-by-hop ones,
-body); streamed answers are forwarded event by event as they arrive. ``/v1/completions`` and
-``/v1/chat/completions`` answers are also judged, per choice, with the one shared
-:func:`~loragate.server.judging.judge_completion`, and counted in :mod:`loragate.server.metrics`.
+What reaches the engine is exactly what the proxy checked:
+
+- The request target is checked (:mod:`loragate.server.target`) and sent to the engine as the
+  client's raw bytes; every decision (own endpoint, access, judging) is made on the route as
+  the engine will route it, and only routes of :mod:`loragate.server.routes` are forwarded.
+- The body the proxy read is the body it sends; the fields it reads to judge (``stream``,
+  ``stream_options.include_usage``) must be what the engine reads the same way (JSON booleans),
+  or the request is refused.
+- Headers go through less hop-by-hop ones (those named in ``Connection`` too), both ways; an
+  answer carries one ``date`` header, the proxy's.
+
+``/v1/completions``, ``/v1/chat/completions`` and ``/invocations`` answers are judged, per choice,
+with the one shared :func:`~loragate.server.judging.judge_completion`, and counted in
+:mod:`loragate.server.metrics`; the Responses and Messages APIs are forwarded and counted as
+unjudged generations.
 
 Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
 ``/ready`` (readiness: the upstream's ``/health`` answers), ``/metrics`` (Prometheus).
 
-Access: with API keys configured, every other path needs one (``Authorization: Bearer``);
-the engine's adapter-loading endpoints (:data:`ADMIN_PATHS`) need the admin key, and a load
-whose adapter folder resolves outside the contracts' adapters directory is refused. Paths are
-checked and forwarded in their canonical form (:func:`canonical_path`).
+Access: with API keys configured, every other route needs one (``Authorization: Bearer``);
+admin routes (:class:`~loragate.server.routes.Kind` ``admin``) need the admin key, and a load
+whose adapter folder resolves outside the contracts' adapters directory is refused.
 
 Counting rules (so counters are exact under concurrency): a choice is counted once, after
 its answer is complete (non-streamed) or its stream has ended with a ``finish_reason``;
 counters are updated in one synchronous step with no ``await`` in between. A client that
-goes away mid-stream cancels the upstream request and is counted as a disconnect, never as a
-completion (a client that closes as soon as it has read ``data: [DONE]``, as the OpenAI SDK
-does, had the whole answer: its stream counts as complete); an upstream that breaks
-mid-stream, or ends its stream before every choice has a ``finish_reason`` and without
-``[DONE]``, is an upstream error, and the client gets an OpenAI-style error event before the
-stream closes.
+goes away before it was sent the whole answer, streamed or not, cancels the engine's request
+(its connection to the engine is closed, which makes vLLM abort) and is counted as a
+disconnect, never as a completion. Whether the client was sent the whole answer is decided by
+the server's own view of the connection when the last byte was handed to it: a client that
+closes right after ``data: [DONE]``, as the OpenAI SDK does, had the whole answer. An upstream
+that breaks mid-stream, or ends its stream before every choice has a ``finish_reason`` and
+without ``[DONE]``, is an upstream error, and the client gets an OpenAI-style error event
+before the stream closes.
 
 Streamed events are read and forwarded in the engine connection's read callback, through the
 server's :class:`~loragate.server.serving.BodyWriter` when it offers one, while the client keeps
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import hmac
 import json
 import logging
@@ -48,8 +61,10 @@ from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.judging import Judgement, judge_completion
 from loragate.server.metrics import ProxyMetrics
-from loragate.server.serving import BODY_WRITER, BodyWriter
+from loragate.server.routes import Kind, classify, unclassified
+from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.sse import StreamTally
+from loragate.server.target import RequestTarget, TargetError, parse_target
 from loragate.server.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("loragate.proxy")
@@ -59,45 +74,13 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-JUDGED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
-#: vLLM's SageMaker-style endpoint: generates like ``/v1/completions`` or ``/v1/chat/completions``
-#: depending on the body, so it is judged and counted like them (see :func:`invocation_endpoint`).
-INVOCATIONS_PATH = "/invocations"
-#: Engine endpoints that change what it serves: only with the admin key. vLLM 0.32 loads LoRA
-#: adapters at run time through ``/v1/load_lora_adapter`` and also through the SageMaker-style
-#: ``POST /adapters`` / ``DELETE /adapters/{name}``; ``/scale_elastic_ep`` rescales the engine.
-ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/scale_elastic_ep"}
-ADMIN_PREFIXES = ("/adapters/",)
-#: Body field holding the folder to load an adapter from, per loading endpoint.
-ADAPTER_PATH_FIELDS = {"/v1/load_lora_adapter": "lora_path", "/adapters": "src"}
-
-
-def canonical_path(path: str) -> str:
-    """``path`` with empty and dot segments resolved (``/v1/./x``, ``/v1//x``, ``/a/../v1/x``).
-
-    The proxy checks and forwards this form only: the upstream client would normalise dot
-    segments itself, so checking the raw path would let ``/v1/./load_lora_adapter`` past the
-    admin check and still reach the engine's loading endpoint.
-    """
-    if path.startswith("/") and "//" not in path and "/." not in path:
-        return path  # nothing to resolve: already canonical
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
-    canonical = "/" + "/".join(segments)
-    return canonical + "/" if segments and path.endswith("/") else canonical
-
-
 def invocation_endpoint(body: bytes) -> str:
-    """The endpoint an ``/invocations`` body is served as: a chat completion when it carries
-    ``messages``, a completion when it carries ``prompt`` (vLLM tries the request types in that
-    order), else ``other`` (forwarded unjudged: embeddings, scoring, or a body vLLM refuses)."""
+    """The endpoint label of an ``/invocations`` request: ``chat_completions`` when its body
+    carries ``messages``, ``completions`` when it carries ``prompt``, else ``other``.
+
+    Only a label for the request and in-flight counts: how the answer is judged follows what
+    the engine answered (a completion, a chat completion, or neither), never this guess.
+    """
     try:
         request = fastjson.loads(body)
     except (ValueError, RecursionError):
@@ -107,12 +90,6 @@ def invocation_endpoint(body: bytes) -> str:
     if isinstance(request, dict) and "prompt" in request:
         return "completions"
     return "other"
-
-
-def is_admin_path(path: str) -> bool:
-    """Whether the canonical ``path`` is an engine endpoint that needs the admin key."""
-    bare = path.rstrip("/") or "/"
-    return bare in ADMIN_PATHS or bare.startswith(ADMIN_PREFIXES)
 
 
 def openai_error(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> bytes:
@@ -132,6 +109,75 @@ class _SlowBody(Exception):
     pass
 
 
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The request's declared body length, or None (absent or unreadable: the body limit
+    still applies while reading)."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class _ClientLink:
+    """Whether the client is still connected, told as early as the server can, for one exchange
+    with the engine.
+
+    While armed, the client's going away cancels the request's task: whatever it awaits (the
+    engine's answer head, its body, the client's connection) stops, and the connection to the
+    engine is closed, which makes vLLM abort the request. :meth:`disarm` before handing over
+    the last bytes of an answer; :attr:`connected` then says whether they were handed to an open
+    connection. Under uvicorn with :class:`~loragate.server.serving.CorkedHttpToolsProtocol` the
+    server reports the close synchronously (:class:`~loragate.server.serving.BodyWriter`); under
+    another ASGI server a task watches ``receive`` for ``http.disconnect``.
+    """
+
+    __slots__ = ("writer", "gone", "_armed", "_task", "_watcher")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.gone = False
+        self._armed = True
+        self._task = asyncio.current_task()
+        self.writer: BodyWriter | None = (scope.get("extensions") or {}).get(BODY_WRITER)
+        self._watcher: asyncio.Task | None = None
+        if self.writer is not None:
+            self.writer.on_disconnect(self._lost)
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._lost()
+
+    def _lost(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self._armed and self._task is not None:
+            self._task.cancel()
+
+    @property
+    def connected(self) -> bool:
+        if self.gone:
+            return False
+        return self.writer is None or self.writer.connected
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def took_cancellation(self) -> bool:
+        """Whether a cancellation of the task was this link's alone (then it is withdrawn)."""
+        return self.gone and self._task is not None and self._task.cancelling() > 0 and self._task.uncancel() == 0
+
+    def close(self) -> None:
+        self._armed = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
 @dataclass
 class _Exchange:
     """What one judged request has shown so far."""
@@ -146,6 +192,8 @@ class _Exchange:
     finish: str | None = None
     json_result: str | None = None
     completion_tokens: int | None = None
+    #: whether this exchange's outcome has been counted (completion, disconnect or error)
+    counted: bool = False
 
 
 class ProxyApp:
@@ -160,10 +208,13 @@ class ProxyApp:
         self.upstream: Upstream | None = None
         self.names: AdapterNames | None = None
         self._contracts = contracts
-        self._api_keys = tuple(k.encode() for k in config.api_keys)
-        self._admin_key = config.admin_key.encode()
+        # keys are kept and compared as SHA-256 digests: a comparison's time says nothing of a key's length
+        self._api_keys = tuple(hashlib.sha256(k.encode()).digest() for k in config.api_keys)
+        self._admin_key = hashlib.sha256(config.admin_key.encode()).digest() if config.admin_key else b""
         self._background: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Engine routes (``"METHOD path"``) the proxy refuses for want of a classification.
+        self.unclassified_routes: list[str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
@@ -171,12 +222,31 @@ class ProxyApp:
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
         self.names = AdapterNames(self._contracts, self.upstream)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
+        self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
         # What start-up built lives as long as the process: out of the collector's sight, an
         # oldest-generation collection no longer walks it (the ~35,000 objects of the imports
         # alone took 12.7 ms to walk, a pause every request in flight would wait out). vLLM's
         # server does the same after its start-up (vllm.utils.gc_utils.freeze_gc_heap).
         gc.collect()
         gc.freeze()
+
+    async def _report_unclassified_routes(self) -> None:
+        """Read the engine's OpenAPI document once it answers and log every route it serves that
+        the proxy refuses for want of a classification (:func:`loragate.server.routes.unclassified`)."""
+        for _ in range(60):
+            try:
+                document = await self.upstream.get_json("/openapi.json", timeout_s=10.0)
+                paths = document["paths"]
+                pairs = [(path, method) for path, ops in paths.items() for method in ops]
+            except (UpstreamError, KeyError, TypeError, AttributeError):
+                await asyncio.sleep(5.0)
+                continue
+            self.unclassified_routes = unclassified(pairs)
+            if self.unclassified_routes:
+                log.warning(json.dumps({"event": "unclassified_engine_routes", "refused": self.unclassified_routes,
+                                        "message": "the engine serves routes this proxy does not know; "
+                                                   "they are refused (loragate.server.routes)"}))
+            return
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -190,18 +260,28 @@ class ProxyApp:
             return
         if scope["type"] != "http":
             return
-        path = scope["path"]
-        if path == "/health":
+        raw = (scope.get("extensions") or {}).get(RAW_TARGET)
+        if raw is None:  # another ASGI server: rebuild the target from its raw parts
+            query = scope.get("query_string") or b""
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+            raw = raw + b"?" + query if query else raw
+        try:
+            target = parse_target(raw)
+        except TargetError as exc:
+            await self._refuse(send, 400, "invalid_target", str(exc))
+            return
+        route = target.route
+        if route == "/health":
             await self._respond(send, 200, b'{"status":"ok"}')
-        elif path == "/ready":
+        elif route == "/ready":
             await self._ready(send)
-        elif path == "/metrics":
+        elif route == "/metrics":
             if not self.config.public_metrics and not self._authorised(scope, self._api_keys):
                 await self._refuse(send, 401, "unauthorized", "a valid API key is required")
                 return
             await self._respond(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
         else:
-            await self._proxy(scope, receive, send)
+            await self._proxy(scope, receive, send, target)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -230,8 +310,27 @@ class ProxyApp:
         self.metrics.bad_requests.labels(reason).inc()
         self.metrics.requests.labels(endpoint, f"{status // 100}xx").inc()
         types = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 408: "timeout_error", 413: "invalid_request_error", 415: "invalid_request_error"}
-        await self._respond(send, status, openai_error(message, types.get(status, "invalid_request_error"), status))
+                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                 413: "invalid_request_error", 415: "invalid_request_error"}
+        # a refused body may not have been read: the connection cannot carry another request
+        headers = [(b"connection", b"close")] if status in (408, 413) else None
+        await self._respond(send, status, openai_error(message, types.get(status, "invalid_request_error"), status),
+                            headers=headers)
+
+    def server_events(self) -> ServerEvents:
+        """What the serving layer reports, counted in this app's metrics."""
+        app = self
+
+        class _Counted(ServerEvents):
+            def refused(self, reason: str, status: int | None) -> None:
+                app.metrics.bad_requests.labels(reason).inc()
+                if status is not None:
+                    app.metrics.requests.labels("other", f"{status // 100}xx").inc()
+
+            def evicted(self) -> None:
+                app.metrics.connections_evicted.inc()
+
+        return _Counted()
 
     def _authorised(self, scope: Scope, keys: tuple[bytes, ...]) -> bool:
         presented = b""
@@ -239,9 +338,10 @@ class ProxyApp:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 presented = value[7:].strip()
                 break
+        presented_digest = hashlib.sha256(presented).digest()
         ok = False
-        for key in keys:  # every key compared, in constant time each
-            ok |= hmac.compare_digest(presented, key)
+        for digest in keys:  # every key compared, in constant time each, as equal-length digests
+            ok |= hmac.compare_digest(presented_digest, digest)
         return ok
 
     async def _ready(self, send: Send) -> None:
@@ -293,21 +393,27 @@ class ProxyApp:
                 return b"".join(chunks)
 
     # ------------------------------------------------------------------ the proxy
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = canonical_path(scope["path"])
-        if path != scope["path"]:
-            scope = {**scope, "path": path}
-        admin = is_admin_path(path)
-        endpoint = JUDGED_PATHS.get(path) or (
-            "admin" if admin else "models" if path.startswith("/v1/models") else "other")
-        if admin:
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, target: RequestTarget) -> None:
+        route = classify(target.route)
+        endpoint = route.endpoint
+        if route.kind is Kind.REFUSED:
+            await self._refuse(send, 404, "not_served", f"the proxy does not serve {target.route}", endpoint)
+            return
+        if route.kind is Kind.ADMIN:
             if not self._admin_key or not self._authorised(scope, (self._admin_key,)):
-                await self._refuse(send, 403, "forbidden",
-                                   "runtime adapter loading needs the admin key", endpoint)
+                await self._refuse(send, 403, "forbidden", "this endpoint needs the admin key", endpoint)
                 return
         elif self._api_keys and not self._authorised(scope, self._api_keys):
-            # every engine path, not only /v1/: vLLM also generates on /invocations
             await self._refuse(send, 401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)", endpoint)
+            return
+        if scope["method"] not in route.methods:
+            await self._refuse(send, 405, "method_not_allowed",
+                               f"{target.route} does not take {scope['method']}", endpoint)
+            return
+        length = _content_length(scope["headers"])
+        if length is not None and length > self.config.max_body_bytes:
+            await self._refuse(send, 413, "body_too_large",
+                               f"request body exceeds {self.config.max_body_bytes} bytes", endpoint)
             return
         gauge = self.metrics.in_flight.labels(endpoint)
         gauge.inc()
@@ -324,21 +430,22 @@ class ProxyApp:
                 return
             except _ClientGone:
                 return
-            if path in ADAPTER_PATH_FIELDS and scope["method"] == "POST":
-                checked = self._adapter_path_checked(body, ADAPTER_PATH_FIELDS[path])
+            if route.adapter_path_field is not None:
+                checked = self._adapter_path_checked(body, route.adapter_path_field)
                 if isinstance(checked, tuple):
                     await self._refuse(send, checked[0], checked[1], checked[2], endpoint)
                     return
                 body = checked
-            if path == INVOCATIONS_PATH and scope["method"] == "POST":
-                endpoint = invocation_endpoint(body)
-                gauge.dec()  # in flight from here on as what the body is served as
-                gauge = self.metrics.in_flight.labels(endpoint)
-                gauge.inc()
-            if endpoint in ("completions", "chat_completions") and scope["method"] == "POST":
-                await self._judged(scope, receive, send, endpoint, body)
+            if route.kind is Kind.JUDGED:
+                if target.route.rstrip("/") == "/invocations":
+                    endpoint = invocation_endpoint(body)
+                    gauge.dec()  # in flight from here on as what the body is served as
+                    gauge = self.metrics.in_flight.labels(endpoint)
+                    gauge.inc()
+                await self._judged(scope, receive, send, target, endpoint, body)
             else:
-                await self._forward_plain(scope, send, endpoint, body)
+                await self._forward_plain(scope, receive, send, target, endpoint, body,
+                                          generating=route.kind is Kind.GENERATING)
         finally:
             gauge.dec()
 
@@ -368,39 +475,61 @@ class ProxyApp:
         request[key] = str(resolved)
         return json.dumps(request).encode()
 
-    async def _send_upstream(self, scope: Scope, body: bytes) -> UpstreamResponse:
-        path = scope["path"]
-        if scope.get("query_string"):
-            path += "?" + scope["query_string"].decode("latin-1")
-        return await self.upstream.send(scope["method"], path, scope["headers"], body)
+    async def _send_upstream(self, scope: Scope, target: RequestTarget, body: bytes) -> UpstreamResponse:
+        return await self.upstream.send(scope["method"], target.raw, scope["headers"], body)
 
-    async def _forward_plain(self, scope: Scope, send: Send, endpoint: str, body: bytes) -> None:
+    async def _forward_plain(self, scope: Scope, receive: Receive, send: Send, target: RequestTarget,
+                             endpoint: str, body: bytes, generating: bool = False) -> None:
+        adapter = ""
+        if generating:
+            try:
+                request = fastjson.loads(body)
+            except (ValueError, RecursionError):
+                request = None
+            adapter = self.names.label(request.get("model") if isinstance(request, dict) else None)
+        link = _ClientLink(scope, receive)
         try:
-            resp = await self._send_upstream(scope, body)
-        except UpstreamError as exc:
-            await self._upstream_failed(send, endpoint, "", exc)
-            return
-        try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
-            async for chunk in resp.iter_chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        except (UpstreamError, OSError):
-            pass
+            try:
+                resp = await self._send_upstream(scope, target, body)
+            except UpstreamError as exc:
+                await self._upstream_failed(send, endpoint, adapter, exc)
+                return
+            try:
+                await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+                while (chunk := await resp.next_chunk()) is not None:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                link.disarm()
+                await send({"type": "http.response.body", "body": b""})
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(adapter or self.names.label(None), exc.kind).inc()
+            finally:
+                resp.close()
+            if not link.connected:
+                self.metrics.client_disconnects.labels(adapter or self.names.label(None)).inc()
+                self.metrics.requests.labels(endpoint, "4xx").inc()
+                return
+            self.metrics.requests.labels(endpoint, f"{resp.status // 100}xx").inc()
+            if generating and 200 <= resp.status < 300:
+                self.metrics.unjudged_generations.labels(adapter, endpoint).inc()
+        except asyncio.CancelledError:
+            if not link.took_cancellation():
+                raise
+            self.metrics.client_disconnects.labels(adapter or self.names.label(None)).inc()
+            self.metrics.requests.labels(endpoint, "4xx").inc()
         finally:
-            resp.close()
-        self.metrics.requests.labels(endpoint, f"{resp.status // 100}xx").inc()
+            link.close()
 
     async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: UpstreamError) -> None:
-        kind = "timeout" if exc.kind == "timeout" else "connect"
+        kind = exc.kind
         self.metrics.upstream_errors.labels(adapter or self.names.label(None), kind).inc()
         self.metrics.requests.labels(endpoint, "5xx").inc()
         status = 504 if kind == "timeout" else 502
         log.warning("upstream %s error on %s: %s", kind, endpoint, exc)
         await self._respond(send, status, openai_error(
-            f"upstream engine unavailable ({kind}): {type(exc).__name__}", "upstream_error", status))
+            f"upstream engine failed ({kind}): {exc}", "upstream_error", status))
 
-    async def _judged(self, scope: Scope, receive: Receive, send: Send, endpoint: str, body: bytes) -> None:
+    async def _judged(self, scope: Scope, receive: Receive, send: Send, target: RequestTarget,
+                      endpoint: str, body: bytes) -> None:
         ex = _Exchange(endpoint=endpoint, started=time.perf_counter())
         content_type = b""
         for name, value in scope["headers"]:
@@ -418,50 +547,78 @@ class ProxyApp:
         if not isinstance(request, dict):
             await self._refuse(send, 400, "not_an_object", "request body must be a JSON object", endpoint)
             return
-        model = request.get("model")
-        ex.adapter = self.names.label(model)
-        ex.stream = request.get("stream") is True
+        # The engine reads `stream` leniently (1, "true", "yes" stream too); the proxy reads the
+        # same field to decide how to relay and count, so only a JSON boolean is accepted.
+        stream = request.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            await self._refuse(send, 400, "invalid_field", "'stream' must be a JSON boolean", endpoint)
+            return
+        opts = request.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            await self._refuse(send, 400, "invalid_field", "'stream_options' must be an object", endpoint)
+            return
+        include_usage = opts.get("include_usage") if opts else None
+        if include_usage is not None and not isinstance(include_usage, bool):
+            await self._refuse(send, 400, "invalid_field", "'stream_options.include_usage' must be a JSON boolean",
+                               endpoint)
+            return
+        ex.adapter = self.names.label(request.get("model"))
+        ex.stream = stream is True
         fmt = request.get("response_format")
         ex.json_constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
         strip_usage = False
-        if ex.stream:
-            opts = request.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage")):
-                request["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-                body = json.dumps(request).encode()
-                strip_usage = True
+        if ex.stream and not include_usage:
+            request["stream_options"] = {**(opts or {}), "include_usage": True}
+            body = json.dumps(request).encode()
+            strip_usage = True
+        link = _ClientLink(scope, receive)
         try:
-            resp = await self._send_upstream(scope, body)
-        except UpstreamError as exc:
-            await self._upstream_failed(send, endpoint, ex.adapter, exc)
-            self._log(ex)
-            return
-        ex.status = resp.status
-        try:
-            if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
-                await self._relay_stream(send, receive, resp, ex, strip_usage,
-                                         (scope.get("extensions") or {}).get(BODY_WRITER))
-            else:
-                await self._relay_whole(send, resp, ex)
+            try:
+                resp = await self._send_upstream(scope, target, body)
+            except UpstreamError as exc:
+                await self._upstream_failed(send, endpoint, ex.adapter, exc)
+                self._log(ex)
+                return
+            ex.status = resp.status
+            try:
+                if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
+                    await self._relay_stream(send, resp, ex, strip_usage, link)
+                else:
+                    await self._relay_whole(send, resp, ex, link)
+            finally:
+                resp.close()
+        except asyncio.CancelledError:
+            if not link.took_cancellation():
+                raise
+            if not ex.counted:
+                self._client_gone(ex)
         finally:
-            resp.close()
+            link.close()
         self._log(ex)
 
-    async def _relay_whole(self, send: Send, resp: UpstreamResponse, ex: _Exchange) -> None:
+    def _client_gone(self, ex: _Exchange) -> None:
+        self.metrics.client_disconnects.labels(ex.adapter).inc()
+        self.metrics.requests.labels(ex.endpoint, "4xx").inc()
+        ex.status = 499
+        ex.counted = True
+
+    async def _relay_whole(self, send: Send, resp: UpstreamResponse, ex: _Exchange, link: "_ClientLink") -> None:
         try:
             content = await resp.read()
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
+            self.metrics.upstream_errors.labels(ex.adapter, exc.kind).inc()
             self.metrics.requests.labels(ex.endpoint, "5xx").inc()
-            await self._respond(send, 502, openai_error(f"upstream answer broke off: {type(exc).__name__}",
-                                                        "upstream_error", 502))
+            ex.counted = True
+            await self._respond(send, 502, openai_error(f"upstream answer broke off: {exc}", "upstream_error", 502))
             return
-        try:
-            await send({"type": "http.response.start", "status": resp.status,
-                        "headers": resp.headers + [(b"content-length", str(len(content)).encode())]})
-            await send({"type": "http.response.body", "body": content})
-        except OSError:
-            pass
+        link.disarm()  # from here on the answer is the client's: what it was handed decides
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": resp.headers + [(b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+        if not link.connected:  # gone before the whole answer was handed to its connection
+            self._client_gone(ex)
+            return
+        ex.counted = True
         self.metrics.requests.labels(ex.endpoint, f"{resp.status // 100}xx").inc()
         if resp.status >= 500:
             self.metrics.upstream_errors.labels(ex.adapter, "status_5xx").inc()
@@ -470,10 +627,13 @@ class ProxyApp:
             return  # the engine refused the request (400 bad params, 404 unknown model): nothing generated
         try:
             answer = fastjson.loads(content)
-            ex.adapter = self.names.label(answer.get("model"))
+            if ex.endpoint == "other" and isinstance(answer, dict) and "choices" not in answer:
+                return  # an /invocations request the engine served as pooling: nothing generated
             choices = answer["choices"]
+            ex.adapter = self.names.label(answer.get("model"))
             usage = answer.get("usage") or {}
-            outputs = [((c.get("text") if ex.endpoint == "completions" else (c.get("message") or {}).get("content")) or "",
+            # judged by what the engine answered: a completion's choice has text, a chat one a message
+            outputs = [((c["text"] if "text" in c else (c.get("message") or {}).get("content")) or "",
                         c.get("finish_reason")) for c in choices]
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self.metrics.upstream_errors.labels(ex.adapter, "invalid_response").inc()
@@ -481,19 +641,12 @@ class ProxyApp:
         self._count(ex, outputs, usage)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
-    async def _relay_stream(self, send: Send, receive: Receive, resp: UpstreamResponse, ex: _Exchange,
-                            strip_usage: bool, writer: BodyWriter | None = None) -> None:
-        gone = asyncio.Event()
-
-        async def watch_disconnect() -> None:
-            while True:
-                if (await receive())["type"] == "http.disconnect":
-                    gone.set()
-                    return
-
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+    async def _relay_stream(self, send: Send, resp: UpstreamResponse, ex: _Exchange, strip_usage: bool,
+                            link: "_ClientLink") -> None:
         tally = StreamTally(strip_usage)
         model_seen = False
+        #: whether [DONE] was handed to the client's connection while it was open
+        done_delivered = False
 
         def feed(chunk: bytes) -> bytes:
             nonlocal model_seen
@@ -508,14 +661,17 @@ class ProxyApp:
         def forward_now(chunk: bytes) -> bool:
             """Forward from the engine connection's read callback while the client can take it;
             else leave the chunk to this task's loop, which waits for the client."""
-            if gone.is_set() or not ready():
+            nonlocal done_delivered
+            if link.gone or not ready():
                 return False
             out = feed(chunk)
             if out:
                 write(out)
+            done_delivered = tally.done
             return True
 
         sink = None
+        writer = link.writer
         if writer is not None:  # served by uvicorn with CorkedHttpToolsProtocol
             ready, write, sink = writer.ready, writer.write, forward_now
 
@@ -523,45 +679,40 @@ class ProxyApp:
             await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
             next_chunk = resp.next_chunk
             while (chunk := await next_chunk(sink)) is not None:
-                if gone.is_set():
-                    if tally.done:
-                        break  # the client left after [DONE]: it has the whole answer
-                    raise _ClientGone
                 out = feed(chunk)
                 if out:
-                    try:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                    except OSError:
-                        raise _ClientGone from None
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    done_delivered = tally.done and link.connected
             rest = tally.rest()
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-            if gone.is_set() and not tally.done:
-                raise _ClientGone
             if not tally.complete and not tally.done:  # ended in good order, but short of the end
                 raise UpstreamBroken("the engine ended the stream before a finish_reason or [DONE]")
-        except _ClientGone:
-            self.metrics.client_disconnects.labels(ex.adapter).inc()
-            self.metrics.requests.labels(ex.endpoint, "4xx").inc()
-            ex.status = 499
-            return
+            link.disarm()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if done_delivered and link.took_cancellation():
+                # the client left after [DONE] had been handed to it: it has the whole answer
+                self._stream_complete(ex, tally)
+                return
+            raise
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
+            self.metrics.upstream_errors.labels(ex.adapter, exc.kind).inc()
             self.metrics.requests.labels(ex.endpoint, "5xx").inc()
             ex.status = 502
+            ex.counted = True
             log.warning("upstream stream broke off for %s: %s", ex.adapter, exc)
-            error = openai_error(f"upstream stream broke off: {type(exc).__name__}", "upstream_error", 502)
-            try:
-                await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": False})
-            except OSError:
-                pass
+            error = openai_error(f"upstream stream broke off: {exc}", "upstream_error", 502)
+            link.disarm()
+            await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": False})
             return
-        finally:
-            watcher.cancel()
-        try:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass
+        if not (done_delivered or link.connected):  # gone before the end was handed to it
+            self._client_gone(ex)
+            return
+        self._stream_complete(ex, tally)
+
+    def _stream_complete(self, ex: _Exchange, tally: StreamTally) -> None:
+        ex.counted = True
         self.metrics.requests.labels(ex.endpoint, "2xx").inc()
         if not tally.complete:
             self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()

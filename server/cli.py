@@ -57,11 +57,27 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Raise the soft open-files limit towards the hard one, so the connection cap, not the
+    file-descriptor limit, is what bounds client connections (each also may hold one to the engine)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            logging.getLogger("loragate.proxy").warning(
+                "open-files limit %d is below what %d connections need (%d)", new, max_connections, wanted)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loragate.server.app import ProxyApp
-    from loragate.server.serving import UVICORN_SETTINGS
+    from loragate.server.serving import UVICORN_SETTINGS, protocol_class
 
     config = load_config(args.config, upstream=args.upstream, contracts=args.contracts,
                          host=args.host, port=args.port)
@@ -72,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "contracts": str(config.contracts) if config.contracts else None,
         "auth": bool(config.api_keys), "admin_endpoints": bool(config.admin_key),
     }))
-    uvicorn.run(app, host=config.host, port=config.port, lifespan="on", timeout_graceful_shutdown=5,
-                **UVICORN_SETTINGS)
+    _raise_open_files_limit(config.max_connections)
+    settings = {**UVICORN_SETTINGS, "http": protocol_class(config.server_limits(), app.server_events())}
+    uvicorn.run(app, host=config.host, port=config.port, lifespan="on", timeout_graceful_shutdown=5, **settings)
     return 0

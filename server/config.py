@@ -12,6 +12,12 @@ field                         environment variable            meaning (default)
 ``max_body_bytes``            ``LORAGATE_PROXY_MAX_BODY_BYTES`` request bodies above it get 413 (8 MiB)
 ``body_timeout_s``            ``LORAGATE_PROXY_BODY_TIMEOUT_S`` a body not received within it gets 408 (30)
 ``upstream_timeout_s``        ``LORAGATE_PROXY_UPSTREAM_TIMEOUT_S`` read timeout towards the engine (600)
+``head_timeout_s``            ``LORAGATE_PROXY_HEAD_TIMEOUT_S`` a request head not received within it: 408,
+                                                              or a silent close when nothing came (10)
+``max_head_bytes``            ``LORAGATE_PROXY_MAX_HEAD_BYTES`` request line + headers above it get 431 (64 KiB)
+``max_headers``               ``LORAGATE_PROXY_MAX_HEADERS``  more header fields than this get 431 (100)
+``max_connections``           ``LORAGATE_PROXY_MAX_CONNECTIONS`` client connections at once; beyond it the one
+                                                              idle longest is closed, or 503 (2048)
 ``api_keys``                  ``LORAGATE_PROXY_API_KEYS``     comma-separated client keys, needed on every
                                                               engine path; empty: no auth
 ``admin_key``                 ``LORAGATE_PROXY_ADMIN_KEY``    key for the adapter endpoints (/v1/load_lora_adapter,
@@ -55,10 +61,21 @@ class ProxyConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_s: float = 30.0
     upstream_timeout_s: float = 600.0
+    head_timeout_s: float = 10.0
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 2048
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_key: str = field(default="", repr=False)
     public_metrics: bool = True
     log_requests: bool = True
+
+    def server_limits(self) -> "ServerLimits":
+        """The serving layer's limits (:class:`loragate.server.serving.ServerLimits`) from these settings."""
+        from loragate.server.serving import ServerLimits
+
+        return ServerLimits(head_timeout_s=self.head_timeout_s, max_head_bytes=self.max_head_bytes,
+                            max_headers=self.max_headers, max_connections=self.max_connections)
 
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
@@ -87,7 +104,8 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
 
 
 _TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
-          "body_timeout_s": float, "upstream_timeout_s": float, "api_keys": tuple, "admin_key": str,
+          "body_timeout_s": float, "upstream_timeout_s": float,
+          "head_timeout_s": float, "max_head_bytes": int, "max_headers": int, "max_connections": int, "api_keys": tuple, "admin_key": str,
           "public_metrics": bool, "log_requests": bool}
 
 
@@ -119,4 +137,8 @@ def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, st
         raise ConfigError("proxy needs --upstream http(s)://host:port (or LORAGATE_PROXY_UPSTREAM)")
     if config.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes must be at least 1024")
+    if config.max_head_bytes < 1024 or config.max_headers < 8 or config.max_connections < 1:
+        raise ConfigError("max_head_bytes must be at least 1024, max_headers at least 8, max_connections at least 1")
+    if config.head_timeout_s <= 0 or config.body_timeout_s <= 0 or config.upstream_timeout_s <= 0:
+        raise ConfigError("timeouts must be positive")
     return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))

@@ -27,14 +27,21 @@ from loragate.server.judging import FinishClass, JsonResult, LengthCause
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
 #: Endpoint label values.
-ENDPOINTS = ("completions", "chat_completions", "models", "admin", "other")
+ENDPOINTS = ("completions", "chat_completions", "responses", "messages", "models", "admin", "other")
 #: ``kind`` values of upstream errors.
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "stream_broken", "invalid_response")
+UPSTREAM_ERROR_KINDS = ("connect", "reset", "timeout", "status_5xx", "stream_broken", "invalid_response")
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
     "unauthorized", "forbidden", "slow_body", "adapter_path",
+    # the request target, route and fields the engine would read differently
+    # (loragate.server.target, loragate.server.routes)
+    "invalid_target", "invalid_field", "not_served", "method_not_allowed",
+    # refused by the server before the app sees the request (loragate.server.serving)
+    "invalid_http", "head_timeout", "headers_too_large", "connection_limit",
 )
+#: ``endpoint`` values of generating endpoints whose answers the proxy forwards unjudged.
+UNJUDGED_ENDPOINTS = ("responses", "messages")
 
 #: Seconds; from tens of milliseconds (a GPU's first token) to minutes (a CPU's long answer).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -116,17 +123,27 @@ class ProxyMetrics:
             ["adapter"], registry=r)
         self.upstream_errors = _Counter(
             "loragate_upstream_errors",
-            "Requests the upstream engine failed: connect, timeout, status_5xx, stream_broken "
-            "(the stream ended before every choice finished), invalid_response.",
+            "Requests the upstream engine failed: connect (no connection), timeout (no answer in time), "
+            "reset (connection closed after the request, before the answer), status_5xx, stream_broken "
+            "(the answer broke off, or its stream ended before every choice finished), invalid_response.",
             ["adapter", "kind"], registry=r)
         self.client_disconnects = _Counter(
             "loragate_client_disconnects",
-            "Streamed requests whose client went away before the end; the upstream request is cancelled "
-            "and nothing is counted as a completion.",
+            "Requests whose client went away before it was handed the whole answer, streamed or not; the "
+            "engine's request is cancelled and nothing is counted as a completion.",
             ["adapter"], registry=r)
+        self.unjudged_generations = _Counter(
+            "loragate_unjudged_generations",
+            "Answers of generating endpoints the proxy forwards without judging them yet (the Responses "
+            "and Messages APIs), by adapter (from the request's model) and endpoint.",
+            ["adapter", "endpoint"], registry=r)
         self.bad_requests = _Counter(
             "loragate_rejected_requests", "Requests the proxy refused itself, by reason.",
             ["reason"], registry=r)
+        self.connections_evicted = _Counter(
+            "loragate_connections_evicted",
+            "Client connections closed to make room at the connection cap: the one that had waited "
+            "longest for a request head (idle keep-alive or a head still arriving).", [], registry=r)
         self.in_flight = _Gauge(
             "loragate_requests_in_flight", "Requests being handled by the proxy now, by endpoint.",
             ["endpoint"], registry=r)

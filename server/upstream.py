@@ -10,7 +10,11 @@ request of the aiohttp client it replaced (README, "Performance").
 
 Semantics:
 
-- A request is written in one piece (head and body); hop-by-hop headers are not forwarded.
+- A request is written in one piece (head and body), its request line carrying the target
+  bytes it was given (the proxy's checked raw target, never a decoded copy). Hop-by-hop headers
+  are not forwarded either way: RFC 9110's list, and every header the message's own
+  ``Connection`` header names. ``date`` and ``server`` of an answer stay behind too: the proxy's
+  server writes its own ``date``, once.
 - :meth:`Upstream.send` returns once the status line and headers are in; the body then comes
   through :meth:`UpstreamResponse.iter_chunks` (as it arrives) or :meth:`UpstreamResponse.read`,
   or :meth:`UpstreamResponse.next_chunk`, whose ``sink`` takes bytes in the read callback itself.
@@ -25,6 +29,8 @@ Errors are a small hierarchy, each with the ``kind`` label the metrics use:
 
 - :class:`UpstreamConnectError` (``connect``): the engine refused or could not be reached;
 - :class:`UpstreamTimeout` (``timeout``): no connection, or no next byte, within its timeout;
+- :class:`UpstreamReset` (``reset``): the connection was closed or reset after the request was
+  sent and before the answer's head came (an engine that crashed or was killed mid-request);
 - :class:`UpstreamBroken` (``stream_broken``): the engine closed the connection mid-answer or
   sent something that is not HTTP.
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 from collections import deque
 from typing import AsyncIterator, Awaitable, Callable
@@ -43,9 +50,21 @@ import httptools
 #: Headers that belong to one hop, never forwarded either way (lower-case). ``expect`` too: the
 #: proxy has the whole body before it sends, so a ``100 Continue`` from the engine means nothing.
 HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
-    b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
 })
+#: Answer headers the proxy's own server writes: forwarding the engine's would send them twice.
+SERVER_WRITTEN = frozenset({b"date", b"server"})
+
+
+def connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lower-case header names a message's ``Connection`` header lists (hop-by-hop too)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(named)
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 #: Unread body bytes at which a connection stops reading until the consumer catches up.
 HIGH_WATER = 256 * 1024
 #: How long an idle keep-alive connection is kept: under uvicorn's (and so vLLM's) default of
@@ -69,6 +88,10 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBroken(UpstreamError):
     kind = "stream_broken"
+
+
+class UpstreamReset(UpstreamBroken):
+    kind = "reset"
 
 
 class _Connection(asyncio.Protocol):
@@ -116,7 +139,10 @@ class _Connection(asyncio.Protocol):
             if exc is None and self._ends_at_close and self._head is not None and self._head.done():
                 self._finish(keep_alive=False)
                 return
-            self._fail(UpstreamBroken("the engine closed the connection mid-answer"))
+            if self._head is not None and not self._head.done():
+                self._fail(UpstreamReset("the engine closed the connection before answering"))
+            else:
+                self._fail(UpstreamBroken("the engine closed the connection mid-answer"))
 
     def pause_writing(self) -> None:  # a request body is written once; nothing to pause
         pass
@@ -271,9 +297,10 @@ class UpstreamResponse:
         #: Response headers without hop-by-hop ones, as raw (name, value) byte pairs.
         self.headers: list[tuple[bytes, bytes]] = []
         content_type = b""
+        named = connection_named(conn.headers)
         for name, value in conn.headers:
             lower = name.lower()
-            if lower not in HOP_BY_HOP:
+            if lower not in HOP_BY_HOP and lower not in SERVER_WRITTEN and lower not in named:
                 self.headers.append((name, value))
                 if lower == b"content-type":
                     content_type = value
@@ -346,15 +373,25 @@ class Upstream:
             raise UpstreamConnectError(f"cannot connect to the engine: {exc}") from exc
         return conn
 
-    async def send(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    async def send(self, method: str, target: bytes | str, headers: list[tuple[bytes, bytes]], body: bytes,
                    *, timeout_s: float | None = None) -> UpstreamResponse:
-        """Send a request; returns once the status line and headers are in."""
+        """Send a request; returns once the status line and headers are in.
+
+        ``target`` goes into the request line as it is, after the base URL's path prefix: an
+        origin-form target (``/v1/models?x=1``) of bytes the caller has checked, or a ``str`` of
+        ASCII the client writes itself (``/health``). Anything that could end the request line
+        (a space, CR, LF, or any byte outside visible ASCII) raises :class:`ValueError`.
+        """
         if self._closing:
             raise UpstreamConnectError("the upstream client is closed")
-        head = [method.encode("ascii"), b" ", self._prefix, path.encode("latin-1"), b" HTTP/1.1\r\n",
-                self._host_header]
+        raw = target.encode("ascii") if isinstance(target, str) else target
+        if not raw.startswith(b"/") or not _VISIBLE_ASCII.fullmatch(raw):
+            raise ValueError(f"not an origin-form request target: {raw[:80]!r}")
+        head = [method.encode("ascii"), b" ", self._prefix, raw, b" HTTP/1.1\r\n", self._host_header]
+        named = connection_named(headers)
         for name, value in headers:
-            if name.lower() not in HOP_BY_HOP:
+            lower = name.lower()
+            if lower not in HOP_BY_HOP and lower not in named:
                 head += (name, b": ", value, b"\r\n")
         if body or method not in ("GET", "HEAD"):
             head += (b"content-length: ", str(len(body)).encode(), b"\r\n")

@@ -18,6 +18,7 @@ from loragate.server.upstream import (
     Upstream,
     UpstreamBroken,
     UpstreamConnectError,
+    UpstreamReset,
     UpstreamTimeout,
 )
 from loragate.stack import free_port
@@ -371,3 +372,48 @@ def test_a_slow_reader_is_not_an_engine_timeout():
         await up.close()
 
     serve(handler, test)
+
+
+def test_a_connection_closed_before_the_answer_is_a_reset_and_a_target_cannot_end_the_line():
+    async def handler(reader, writer, state):
+        await read_request(reader)  # the engine took the request and died before answering
+
+    async def test(url, state):
+        up = Upstream(url, read_timeout_s=5)
+        try:
+            with pytest.raises(UpstreamReset) as caught:
+                await up.send("POST", "/v1/completions", [], b"{}")
+            assert caught.value.kind == "reset"
+            for bad in (b"/v1/x HTTP/1.1\r\nhost: y", b"/a b", b"v1/x", b"/\xe2\x82\xac", b"/x\x00"):
+                with pytest.raises(ValueError):
+                    await up.send("GET", bad, [], b"")
+        finally:
+            await up.close()
+
+    state = serve(handler, test)
+    assert state["connections"] == 1  # the refused targets never opened a connection
+
+
+def test_headers_named_in_connection_stay_behind_both_ways_and_date_is_the_servers():
+    async def handler(reader, writer, state):
+        line, headers, body = await read_request(reader)
+        state["requests"].append((line, headers, body))
+        writer.write(answer(b"{}", b"connection: x-hop", b"x-hop: 1", b"x-end: 2", b"date: Mon, 01 Jan 2024",
+                            b"server: uvicorn"))
+        await writer.drain()
+
+    async def test(url, state):
+        up = Upstream(url, read_timeout_s=5)
+        try:
+            resp = await up.send("POST", b"/v1/completions", [
+                (b"connection", b"keep-alive, X-Secret"), (b"x-secret", b"s"), (b"x-kept", b"k")], b"{}")
+            await resp.read()
+            names = [n.lower() for n, _ in resp.headers]
+            assert b"x-end" in names and b"x-hop" not in names and b"date" not in names and b"server" not in names
+            resp.close()
+        finally:
+            await up.close()
+
+    state = serve(handler, test)
+    _, headers, _ = state["requests"][0]
+    assert b"x-secret" not in headers and headers[b"x-kept"] == b"k"
