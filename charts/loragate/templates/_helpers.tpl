@@ -230,6 +230,16 @@ failureThreshold: {{ .probe.failureThreshold }}
   value: {{ .Values.proxy.publicMetrics | quote }}
 - name: LORAGATE_PROXY_UPSTREAM_TIMEOUT_S
   value: {{ .Values.proxy.upstreamTimeoutSeconds | quote }}
+- name: LORAGATE_PROXY_MAX_BODY_BYTES
+  value: {{ .Values.proxy.limits.maxBodyBytes | int64 | quote }}
+- name: LORAGATE_PROXY_HEAD_TIMEOUT_S
+  value: {{ .Values.proxy.limits.headTimeoutSeconds | quote }}
+- name: LORAGATE_PROXY_MAX_HEAD_BYTES
+  value: {{ .Values.proxy.limits.maxHeadBytes | int64 | quote }}
+- name: LORAGATE_PROXY_MAX_HEADERS
+  value: {{ .Values.proxy.limits.maxHeaders | int64 | quote }}
+- name: LORAGATE_PROXY_MAX_CONNECTIONS
+  value: {{ .Values.proxy.limits.maxConnections | int64 | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .Values.proxy.auth.existingSecret }}
