@@ -65,7 +65,15 @@ from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.sse import StreamTally
 from loragate.server.target import RequestTarget, TargetError, parse_target
-from loragate.server.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
+from loragate.server.upstream import (
+    Upstream,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger("loragate.proxy")
 access_log = logging.getLogger("loragate.proxy.requests")
@@ -238,9 +246,12 @@ class ProxyApp:
                 document = await self.upstream.get_json("/openapi.json", timeout_s=10.0)
                 paths = document["paths"]
                 pairs = [(path, method) for path, ops in paths.items() for method in ops]
-            except (UpstreamError, KeyError, TypeError, AttributeError):
-                await asyncio.sleep(5.0)
+            except (UpstreamConnectError, UpstreamTimeout, UpstreamReset):
+                await asyncio.sleep(5.0)  # not up yet
                 continue
+            except (UpstreamError, KeyError, TypeError, AttributeError) as exc:
+                log.info(json.dumps({"event": "no_engine_openapi", "message": f"route check skipped: {exc}"}))
+                return
             self.unclassified_routes = unclassified(pairs)
             if self.unclassified_routes:
                 log.warning(json.dumps({"event": "unclassified_engine_routes", "refused": self.unclassified_routes,
