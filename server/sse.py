@@ -1,9 +1,11 @@
 """Reading a streamed completion as it passes through: the proxy's streaming judge's input side.
 
 vLLM streams ``/v1/completions`` and ``/v1/chat/completions`` answers as server-sent events,
-one ``data: {json}\\n\\n`` event per chunk, ending with ``data: [DONE]\\n\\n``. The network may
-cut those bytes anywhere (inside an event, inside a UTF-8 character, between ``\\n`` and
-``\\n``). :class:`StreamTally` takes the bytes as they come, forwards whole events only, and
+one ``data: {json}\\n\\n`` event per chunk, ending with ``data: [DONE]\\n\\n``. Other
+OpenAI-compatible servers frame events with CRLF (sse-starlette: ``\\r\\n\\r\\n``); the SSE
+standard allows CRLF, LF or CR line ends, mixed, and an event ends at the first empty line. The
+network may cut those bytes anywhere (inside an event, inside a UTF-8 character, between a CR
+and its LF). :class:`StreamTally` takes the bytes as they come, forwards whole events only, and
 collects per choice the text and ``finish_reason`` that
 :func:`~loragate.server.judging.judge_completion` later judges, plus the model name and the
 engine's usage report. How the bytes were cut never changes what it collects or forwards
@@ -12,12 +14,48 @@ engine's usage report. How the bytes were cut never changes what it collects or 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from loragate.server.fastjson import loads
 
-#: The end of one server-sent event.
+#: The end of one server-sent event with LF line ends (vLLM's framing: the fast path).
 EVENT_END = b"\n\n"
+#: The end of one server-sent event with any line ends: a line end, then an empty line.
+_ANY_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+def event_ends(data: bytes, start: int = 0) -> list[int]:
+    """The offsets just past each whole event in ``data`` from ``start`` (LF, CRLF or CR framing).
+
+    A CR at the very end of ``data`` may be the first half of a CRLF still on its way, so an
+    event whose end would be that CR is not whole yet.
+    """
+    ends: list[int] = []
+    if b"\r" not in data:
+        while (cut := data.find(EVENT_END, start)) >= 0:
+            start = cut + 2
+            ends.append(start)
+        return ends
+    for match in _ANY_EVENT_END.finditer(data, start):
+        end = match.end()
+        if end == len(data) and data.endswith(b"\r"):
+            break
+        ends.append(end)
+    return ends
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data`` of one event (its ``data:`` lines joined with LF), or None when it has none."""
+    if event.startswith(b"data: "):  # vLLM's framing: one data line
+        body = event[6:].rstrip(b"\r\n")
+        if b"\n" not in body and b"\r" not in body:
+            return body
+    lines = [line for line in _LINE_END.split(event) if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
 @dataclass
@@ -53,8 +91,7 @@ class StreamTally:
         start = 0
         kept: list[bytes] = []
         dropped = False
-        while (cut := data.find(EVENT_END, start)) >= 0:
-            end = cut + 2
+        for end in event_ends(data):
             event = data if start == 0 and end == len(data) else data[start:end]
             if self._read(event):
                 kept.append(event)
@@ -82,12 +119,13 @@ class StreamTally:
 
     def _read(self, event: bytes) -> bool:
         """Read one event; returns whether to forward it."""
-        if not event.startswith(b"data: {"):
-            if event.startswith(b"data: [DONE]"):
+        payload = event_data(event)
+        if payload is None or not payload.startswith(b"{"):
+            if payload is not None and payload.startswith(b"[DONE]"):
                 self.done = True
             return True
         try:
-            data = loads(event[6:])
+            data = loads(payload)
         except (ValueError, RecursionError):  # also invalid UTF-8
             return True
         if not isinstance(data, dict):

@@ -36,6 +36,12 @@ QUERY_BYTES = frozenset(PATH_BYTES | {ord("?")})
 MAX_TARGET_BYTES = 8192
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: A whole valid raw path and query (the fast check; :func:`_check_bytes` says what is wrong).
+_VALID_PATH = re.compile(rb"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+_VALID_QUERY = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+#: A decoded route whose every character no server reads differently, with no dot segment.
+_PLAIN_ROUTE = re.compile(r"/(?:[!-~](?<![?#%]))*")
+_DOT_OR_EMPTY_SEGMENT = re.compile(r"//|/\.\.?(?:/|$)")
 #: Characters a decoded route may hold: visible ASCII less ``?``, ``#`` and ``%``.
 _ROUTE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"?", "#", "%"}
 
@@ -72,14 +78,16 @@ def parse_target(raw: bytes) -> RequestTarget:
     if len(raw) > MAX_TARGET_BYTES:
         raise TargetError(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
     path, sep, query = raw.partition(b"?")
-    _check_bytes(path, PATH_BYTES, "path")
-    if sep:
+    if not _VALID_PATH.fullmatch(path):
+        _check_bytes(path, PATH_BYTES, "path")  # raises, saying what is wrong
+    if sep and not _VALID_QUERY.fullmatch(query):
         _check_bytes(query, QUERY_BYTES, "query")
     text = path.decode("ascii")  # every byte was checked to be ASCII
     route = unquote(text) if "%" in text else text  # exactly what uvicorn puts in scope["path"]
-    for char in route:
-        if char not in _ROUTE_CHARS:
-            raise TargetError(f"the request path decodes to {char!r}, which no route holds")
-    if route != "/" and ("//" in route or any(s in (".", "..") for s in route.split("/"))):
+    if not _PLAIN_ROUTE.fullmatch(route):
+        for char in route:
+            if char not in _ROUTE_CHARS:
+                raise TargetError(f"the request path decodes to {char!r}, which no route holds")
+    if _DOT_OR_EMPTY_SEGMENT.search(route):
         raise TargetError("the request path has an empty or dot segment")
     return RequestTarget(raw=raw, route=route, query=query)
