@@ -20,7 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 # Only what the package is built from (pyproject.toml's package-dir folders).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY loragate/ loragate/
 COPY server/ server/
 COPY acceptance/ acceptance/
@@ -29,7 +29,7 @@ COPY demo/ demo/
 # "" installs the proxy's dependencies only; "gate" adds the gate's (pyproject.toml extras).
 ARG LORAGATE_EXTRAS=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN /opt/venv/bin/pip install --no-compile ".${LORAGATE_EXTRAS:+[${LORAGATE_EXTRAS}]}" \
+RUN /opt/venv/bin/pip install --no-compile -c constraints.txt ".${LORAGATE_EXTRAS:+[${LORAGATE_EXTRAS}]}" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools wheel \
     && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} +
 
@@ -48,7 +48,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /tmp
 USER 10001:10001
-# loragate.settings.PROXY_PORT
+# loragate.core.settings.PROXY_PORT
 EXPOSE 8000
 # The proxy's liveness endpoint (it never follows the upstream, so a loading engine is no fault).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \

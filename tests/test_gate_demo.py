@@ -17,8 +17,10 @@ import httpx
 import pytest
 import yaml
 
-from loragate.acceptance import engine as eng
-from loragate.acceptance.gate import DemoResults, GateOptions, GateResult, gate_all_demo, run_gate
+from loragate.core import engine as eng
+from loragate.cli.defaults import gate_options
+from loragate.acceptance.gate import GateOptions, GateResult, run_gate
+from loragate.demo.verdicts import DemoResults, gate_all_demo
 from loragate.acceptance.promotion import read_promoted
 
 pytestmark = pytest.mark.stack
@@ -117,9 +119,9 @@ def test_an_adapter_the_real_engine_does_not_serve_is_rejected(stack, tmp_path: 
     contracts["adapters"]["poster-ghost"] = dict(contracts["adapters"]["poster-good"])
     ghost = tmp_path / "adapters.yaml"
     ghost.write_text(yaml.safe_dump(contracts))
-    r = run_gate(GateOptions(endpoint=stack.proxy_url, adapter="poster-ghost", contracts=ghost,
+    r = run_gate(gate_options(GateOptions(endpoint=stack.proxy_url, adapter="poster-ghost", contracts=ghost,
                              prompts=stack.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                             promoted_dir=tmp_path / "promoted"), quiet=True)
+                             promoted_dir=tmp_path / "promoted")), quiet=True)
     assert r.verdict == "REJECT" and r.exit_code == 1
     assert "does not serve adapter 'poster-ghost'" in r.reasons[0]
     assert not (tmp_path / "promoted").exists()
@@ -154,10 +156,10 @@ def test_a_load_slo_breach_is_a_reject_naming_the_slo(stack, tmp_path: Path) -> 
     contracts["defaults"] = {**(contracts.get("defaults") or {}), "slo": {"ttft_p95_ms": 0.001}}
     strict = tmp_path / "adapters.yaml"
     strict.write_text(yaml.safe_dump(contracts))
-    r = run_gate(GateOptions(endpoint=stack.proxy_url, adapter="poster-good", contracts=strict,
+    r = run_gate(gate_options(GateOptions(endpoint=stack.proxy_url, adapter="poster-good", contracts=strict,
                              prompts=stack.heldout_prompts, report_dir=tmp_path / "r", promote=True,
                              promoted_dir=tmp_path / "promoted", load=True, load_users=2, load_spawn_rate=2,
-                             load_duration_s=4), quiet=True)
+                             load_duration_s=4)), quiet=True)
     assert r.verdict == "REJECT" and r.exit_code == 1 and r.promotion is None
     assert len(r.reasons) == 1, r.reasons  # every output check passed: the load SLO alone rejects it
     assert r.reasons[0].startswith("load SLOs: TTFT p95") and "(ttft_p95_ms)" in r.reasons[0]

@@ -23,12 +23,13 @@ import psutil
 import pytest
 import yaml
 
-from loragate.acceptance import engine as eng
+from loragate.core import engine as eng
 from loragate.acceptance import gate as gate_mod
 from loragate.acceptance import report as rep
+from loragate.cli.defaults import gate_options
 from loragate.acceptance.gate import GateOptions, run_gate
 from loragate.demo.artifacts import current_build
-from loragate.errors import GateError
+from loragate.core.errors import GateError
 from loragate.stack import free_port
 from conftest import interruptible
 from relay import Relay
@@ -236,9 +237,9 @@ def test_a_killed_suite_child_is_a_reject(relay, build, tmp_path, promoted) -> N
 def test_an_adapter_the_engine_does_not_serve_is_rejected_without_a_request(relay, build, candidates, tmp_path,
                                                                              promoted) -> None:
     before = snapshot(promoted)
-    result = run_gate(GateOptions(endpoint=relay.url, adapter="cand-good", contracts=candidates,
+    result = run_gate(gate_options(GateOptions(endpoint=relay.url, adapter="cand-good", contracts=candidates,
                                   prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                                  promoted_dir=promoted), quiet=True)
+                                  promoted_dir=promoted)), quiet=True)
     assert result.verdict == "REJECT" and result.exit_code == 1
     assert "does not serve adapter 'cand-good'" in result.reasons[0]
     assert any(r.startswith("suite completed: not run") for r in result.reasons)
@@ -258,30 +259,20 @@ def test_a_report_that_cannot_be_written_at_the_end_promotes_nothing(relay, buil
 
     monkeypatch.setattr(rep, "write_file", failing)
     with pytest.raises(rep.ReportError, match="No space left"):
-        run_gate(GateOptions(endpoint=relay.url, adapter="poster-good", contracts=build.adapters_file,
+        run_gate(gate_options(GateOptions(endpoint=relay.url, adapter="poster-good", contracts=build.adapters_file,
                              prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                             promoted_dir=promoted), quiet=True)
+                             promoted_dir=promoted)), quiet=True)
     assert len(relay.completion_bodies()) > 100  # the adapter was fully checked (and would have passed) ...
     assert snapshot(promoted) == before  # ... but nothing was promoted
-
-
-def test_load_without_the_load_test_is_an_error(relay, build, tmp_path, monkeypatch) -> None:
-    real = gate_mod.importlib.util.find_spec
-    monkeypatch.setattr(gate_mod.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "loragate.loadtest.runner" else real(name, *a))
-    with pytest.raises(GateError, match="--load needs the load test"):
-        run_gate(GateOptions(endpoint=relay.url, adapter="poster-good", contracts=build.adapters_file,
-                             prompts=build.heldout_prompts, report_dir=tmp_path / "r", load=True), quiet=True)
-    assert not relay.requests
 
 
 def test_a_rejected_candidate_loaded_at_runtime_is_unloaded(stack, relay, build, candidates, tmp_path,
                                                             promoted) -> None:
     before = snapshot(promoted)
-    result = run_gate(GateOptions(endpoint=relay.url, adapter="cand-runaway", contracts=candidates,
+    result = run_gate(gate_options(GateOptions(endpoint=relay.url, adapter="cand-runaway", contracts=candidates,
                                   prompts=build.heldout_prompts, report_dir=tmp_path / "r", promote=True,
                                   promoted_dir=promoted, load_into_engine=True,
-                                  max_lora_rank=build.manifest()["serve"]["max_lora_rank"]), quiet=True)
+                                  max_lora_rank=build.manifest()["serve"]["max_lora_rank"])), quiet=True)
     assert result.verdict == "REJECT" and result.promotion is None
     assert result.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
     assert result.report["engine"]["loaded_by_gate"] is True

@@ -22,8 +22,8 @@ import yaml
 
 from chart_tools import CHART, CPU_VALUES, helm
 from loragate.acceptance.promotion import PromotionError, promote, read_promoted
-from loragate.contracts import load_contracts
-from loragate.errors import LoragateError
+from loragate.core.contracts import load_contracts
+from loragate.core.errors import LoragateError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from loragate.acceptance import stats
+from loragate.core import stats
 from loragate.acceptance.plan import heldout_sample_size, probe_sample_size
-from loragate.contracts import Contract, Thresholds
+from loragate.core.contracts import Contract, Thresholds
 
 
 def test_wilson_interval_known_values() -> None:

@@ -14,11 +14,11 @@ from loragate.acceptance.checks import evaluate, failed_sample, judge_sample, ra
 from loragate.acceptance.gate import decide
 from loragate.acceptance.plan import (AdapterPlan, Baseline, CheckSpec, RequestSpec, RunSpec, SuitePlan,
                                       build_adapter_plan, probe_lengths)
-from loragate.acceptance.prompts import (DemoPaperLengthener, PromptRecord, PromptsError, is_demo_paper,
-                                         parse_demo_paper, read_prompts)
+from loragate.acceptance.prompts import PromptRecord, PromptsError, read_prompts
+from loragate.demo.lengthen import DemoPaperLengthener, is_demo_paper, parse_demo_paper
 from loragate.acceptance.results import CheckResult
 from loragate.acceptance.runner import FORBIDDEN_FIELDS, request_body
-from loragate.contracts import Contract, Thresholds
+from loragate.core.contracts import Contract, Thresholds
 from loragate.demo import data
 
 SCHEMA = data.LAYOUT_SCHEMA

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loragate.server.judging import (
+from loragate.core.judging import (
     FinishClass,
     JsonResult,
     LengthCause,

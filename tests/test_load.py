@@ -24,7 +24,7 @@ import yaml
 from conftest import start_proxy
 
 from loragate.cli import main as loragate_main
-from loragate.contracts import load_contracts
+from loragate.core.contracts import load_contracts
 from loragate.loadtest.prompts import load_prompts
 from loragate.loadtest.runner import COUNTER_BREACH, LoadResult, run_load
 from loragate.stack import free_port
@@ -148,7 +148,7 @@ def test_cli_errors_are_clear(stack, capsys) -> None:
 def test_locustfile_headless_without_adapter_exits_2(stack, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LORAGATE_LOAD_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "loragate" / "loadtest" / "locustfile.py"), "--headless",
          "--host", stack.proxy_url, "-u", "1", "-r", "1", "-t", "5s"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -161,7 +161,7 @@ def test_web_ui_mode_for_an_operator(stack) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LORAGATE_LOAD_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--host", stack.proxy_url,
+        [sys.executable, "-m", "locust", "-f", "loadtest/loragate/loadtest/locustfile.py", "--host", stack.proxy_url,
          "--adapter", ADAPTER, "--web-host", "127.0.0.1", "--web-port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ui = f"http://127.0.0.1:{port}"
@@ -203,7 +203,7 @@ def test_web_ui_mode_for_an_operator(stack) -> None:
 def test_unreachable_endpoint_fails_closed(tmp_path) -> None:
     """Every request fails: the error rate breaches, nothing else counts as met, and the
     failures are reported by message."""
-    from loragate.contracts import Contract
+    from loragate.core.contracts import Contract
 
     contract = Contract(name=ADAPTER, path=tmp_path, base_model="b", max_tokens=8)
     result = run_load(f"http://127.0.0.1:{free_port()}", ADAPTER, contract, ["hello"], users=1,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loragate.contracts import Contract, LoadSLO
+from loragate.core.contracts import Contract, LoadSLO
 from loragate.loadtest.measure import (
     RequestSample, StreamError, StreamTimer, percentile, slo_checks, summarize,
 )

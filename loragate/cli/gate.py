@@ -1,0 +1,120 @@
+"""``loragate gate`` and ``loragate check-data``.
+
+``gate`` exits 0 on PROMOTE, 1 on REJECT, 130 when interrupted (a REJECT), 2 when it could not
+run (bad contracts, a report folder that cannot be written, ``--load`` without the load test).
+``check-data`` exits 0 when every target fits, 1 when some would be cut, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from loragate.acceptance.plan import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_SEED,
+    SAMPLED_TEMPERATURE,
+)
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    if name == "gate":
+        _configure_gate(parser)
+    elif name == "check-data":
+        _configure_check_data(parser)
+
+
+def _configure_gate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True,
+                   help="OpenAI-compatible base URL of the engine or the proxy (http://host:port[/v1])")
+    p.add_argument("--adapter", required=True, help="adapter name (served model name and contract name)")
+    p.add_argument("--contracts", type=Path, help="adapters file (default: the local stack's / the demo build's)")
+    p.add_argument("--prompts", type=Path,
+                   help="held-out prompts JSONL, {'input': ...} per line (default: the demo build's heldout.jsonl)")
+    p.add_argument("--long-prompts", type=Path,
+                   help="long inputs JSONL for the long-context probes (demo papers are lengthened without it)")
+    p.add_argument("--report-dir", type=Path,
+                   help="folder for report.json, junit.xml, report.html (default: .loragate/reports/<time>-<adapter>)")
+    p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=True,
+                   help="on PROMOTE, write the promotion record and update the promoted set (values file for helm); "
+                        "--no-promote only reports the verdict (default: promote)")
+    p.add_argument("--promoted-dir", type=Path, help="promoted set folder (default: .loragate/promoted)")
+    p.add_argument("--load-into-engine", action="store_true",
+                   help="load the adapter through vLLM's runtime LoRA API when the engine does not serve it "
+                        "(unloaded again unless promoted)")
+    p.add_argument("--engine-url", help="URL for the runtime LoRA API (default: --endpoint; through the proxy it "
+                                        "needs --admin-key)")
+    p.add_argument("--engine-adapter-path", help="the adapter's folder as the engine sees it (default: the contract's path)")
+    p.add_argument("--admin-key", help="the proxy's admin key (default: $LORAGATE_PROXY_ADMIN_KEY)")
+    p.add_argument("--api-key", help="client API key for the endpoint (default: $LORAGATE_API_KEY)")
+    p.add_argument("--max-lora-rank", type=int,
+                   help="the engine's --max-lora-rank (default: read from the local stack or the demo manifest)")
+    p.add_argument("--base-dir", type=Path, help="the base model's folder (default: the engine's root when local)")
+    p.add_argument("--baseline", help="compare with this served adapter, 'base', or 'none' "
+                                      "(default: the promoted version / a promoted adapter of the same task / the base)")
+    p.add_argument("--temperature", type=float, default=SAMPLED_TEMPERATURE,
+                   help="temperature of the sampled run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sampled request (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests in flight (default %(default)s)")
+    p.add_argument("--suite-timeout", type=float, default=900.0, help="seconds the suite may take (default %(default)s)")
+    p.add_argument("--load", action="store_true", help="also run the load test against the contract's SLOs")
+    p.add_argument("--load-users", type=int, default=4)
+    p.add_argument("--load-spawn-rate", type=float, default=4.0)
+    p.add_argument("--load-duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
+    p.add_argument("--metrics-url", help="the proxy's /metrics for the load test's counter check")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _configure_check_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="training examples, JSONL")
+    p.add_argument("--tokenizer", type=Path, required=True, help="folder of the (base model's) tokenizer")
+    p.add_argument("--max-seq-length", type=int, required=True, help="the trainer's max_seq_length")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--completion-field", default="completion")
+    p.add_argument("--no-eos", action="store_true", help="the targets carry no EOS token")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "check-data":
+        return _check_data(args)
+    return _gate(args)
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from loragate.acceptance.data_check import check_data
+
+    result = check_data(args.data, args.tokenizer, args.max_seq_length, prompt_field=args.prompt_field,
+                        completion_field=args.completion_field, add_eos=not args.no_eos)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else 1
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from loragate.acceptance.gate import GateOptions, run_gate
+
+    from loragate.cli.defaults import gate_options
+
+    options = GateOptions(
+        endpoint=args.endpoint, adapter=args.adapter, contracts=args.contracts, prompts=args.prompts,
+        long_prompts=args.long_prompts, report_dir=args.report_dir, promote=args.promote,
+        promoted_dir=args.promoted_dir, load=args.load, load_users=args.load_users,
+        load_spawn_rate=args.load_spawn_rate, load_duration_s=args.load_duration, metrics_url=args.metrics_url,
+        load_into_engine=args.load_into_engine, engine_url=args.engine_url,
+        engine_adapter_path=args.engine_adapter_path, admin_key=args.admin_key, api_key=args.api_key,
+        max_lora_rank=args.max_lora_rank, base_dir=args.base_dir, baseline=args.baseline,
+        temperature=args.temperature, seed=args.seed, concurrency=args.concurrency,
+        suite_timeout_s=args.suite_timeout,
+    )
+    result = run_gate(gate_options(options), quiet=args.quiet)
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=str))
+    else:
+        print(result.table())
+    sys.stdout.flush()
+    return result.exit_code

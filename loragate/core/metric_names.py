@@ -1,0 +1,48 @@
+"""The names and label values of the metrics the proxy exports: the one place that defines them.
+
+The proxy (:mod:`loragate.server.metrics`) registers its metrics under these names; the load
+test reads the proxy's counters by them, and the chart's recording rules and alerts use them
+(``charts/loragate/files/prometheus-rules.yaml``; ``tests/test_prometheus.py`` checks they agree).
+Counter names are given without prometheus_client's ``_total`` suffix.
+"""
+
+from __future__ import annotations
+
+REQUESTS = "loragate_requests"
+COMPLETIONS = "loragate_completions"
+LENGTH_CUTOFFS = "loragate_length_cutoffs"
+JSON_OUTPUTS = "loragate_json_outputs"
+JSON_CONSTRAINED_OUTPUTS = "loragate_json_constrained_outputs"
+TIME_TO_FIRST_TOKEN = "loragate_time_to_first_token_seconds"
+REQUEST_DURATION = "loragate_request_duration_seconds"
+OUTPUT_TOKENS = "loragate_output_tokens"
+UPSTREAM_ERRORS = "loragate_upstream_errors"
+CLIENT_DISCONNECTS = "loragate_client_disconnects"
+UNJUDGED_GENERATIONS = "loragate_unjudged_generations"
+REJECTED_REQUESTS = "loragate_rejected_requests"
+CONNECTIONS_EVICTED = "loragate_connections_evicted"
+REQUESTS_IN_FLIGHT = "loragate_requests_in_flight"
+
+#: The adapter label of any model name that is neither in the contracts nor served.
+OTHER_ADAPTER = "__other__"
+#: Endpoint label values.
+ENDPOINTS = ("completions", "chat_completions", "responses", "messages", "models", "admin", "other")
+#: ``endpoint`` values of generating endpoints whose answers the proxy forwards unjudged.
+UNJUDGED_ENDPOINTS = ("responses", "messages")
+#: ``kind`` values of upstream errors.
+UPSTREAM_ERROR_KINDS = ("connect", "reset", "timeout", "status_5xx", "stream_broken", "invalid_response")
+#: ``reason`` values of requests refused by the proxy itself.
+BAD_REQUEST_REASONS = (
+    "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
+    "unauthorized", "forbidden", "slow_body", "adapter_path",
+    # the request target, route and fields the engine would read differently
+    # (loragate.server.target, loragate.server.routes)
+    "invalid_target", "invalid_field", "not_served", "method_not_allowed",
+    # refused by the server before the app sees the request (loragate.server.serving)
+    "invalid_http", "head_timeout", "headers_too_large", "connection_limit",
+)
+
+
+def total(counter: str) -> str:
+    """The sample name of a counter (``loragate_completions`` -> ``loragate_completions_total``)."""
+    return f"{counter}_total"

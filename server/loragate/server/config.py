@@ -1,0 +1,147 @@
+"""The proxy's configuration: one dataclass, read from a YAML file and ``LORAGATE_PROXY_*`` variables.
+
+Precedence, lowest first: the defaults below, the file given with ``--config``, environment
+variables, command-line flags. Every field:
+
+============================  ==============================  ===============================================
+field                         environment variable            meaning (default)
+============================  ==============================  ===============================================
+``upstream``                  ``LORAGATE_PROXY_UPSTREAM``     base URL of the OpenAI-compatible engine
+``contracts``                 ``LORAGATE_PROXY_CONTRACTS``    adapters file (contracts) to judge outputs by
+``host`` / ``port``           ``LORAGATE_PROXY_HOST``/``PORT`` where the proxy listens (127.0.0.1:8000)
+``max_body_bytes``            ``LORAGATE_PROXY_MAX_BODY_BYTES`` request bodies above it get 413 (8 MiB)
+``body_timeout_s``            ``LORAGATE_PROXY_BODY_TIMEOUT_S`` a body not received within it gets 408 (30)
+``upstream_timeout_s``        ``LORAGATE_PROXY_UPSTREAM_TIMEOUT_S`` read timeout towards the engine (600)
+``head_timeout_s``            ``LORAGATE_PROXY_HEAD_TIMEOUT_S`` a request head not received within it: 408,
+                                                              or a silent close when nothing came (10)
+``max_head_bytes``            ``LORAGATE_PROXY_MAX_HEAD_BYTES`` request line + headers above it get 431 (64 KiB)
+``max_headers``               ``LORAGATE_PROXY_MAX_HEADERS``  more header fields than this get 431 (100)
+``max_connections``           ``LORAGATE_PROXY_MAX_CONNECTIONS`` client connections at once; beyond it the one
+                                                              idle longest is closed, or 503 (2048)
+``api_keys``                  ``LORAGATE_PROXY_API_KEYS``     comma-separated client keys, needed on every
+                                                              engine path; empty: no auth
+``admin_key``                 ``LORAGATE_PROXY_ADMIN_KEY``    key for the adapter endpoints (/v1/load_lora_adapter,
+                                                              unload, /adapters) and /scale_elastic_ep; empty:
+                                                              those endpoints are refused
+``public_metrics``            ``LORAGATE_PROXY_PUBLIC_METRICS`` /metrics without a key (true)
+``log_requests``              ``LORAGATE_PROXY_LOG_REQUESTS`` one JSON log line per request (true)
+============================  ==============================  ===============================================
+
+``/health`` (liveness) and ``/ready`` (readiness: the upstream answers) never need a key. Keys
+are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import yaml
+
+from loragate.core import settings
+from loragate.core.errors import LoragateError
+
+if TYPE_CHECKING:
+    from loragate.server.serving import ServerLimits
+
+ENV_PREFIX = "LORAGATE_PROXY_"
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class ConfigError(LoragateError):
+    """The proxy's configuration is invalid."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    upstream: str = ""
+    contracts: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = settings.PROXY_PORT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    upstream_timeout_s: float = 600.0
+    head_timeout_s: float = 10.0
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 2048
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_key: str = field(default="", repr=False)
+    public_metrics: bool = True
+    log_requests: bool = True
+
+    def server_limits(self) -> "ServerLimits":
+        """The serving layer's limits (:class:`loragate.server.serving.ServerLimits`) from these settings."""
+        from loragate.server.serving import ServerLimits
+
+        return ServerLimits(head_timeout_s=self.head_timeout_s, max_head_bytes=self.max_head_bytes,
+                            max_headers=self.max_headers, max_connections=self.max_connections)
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target is int:
+            return int(value)
+        if target is float:
+            return float(value)
+        if name == "api_keys":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(k.strip() for k in items if str(k).strip())
+        if name == "contracts":
+            return Path(value) if value else None
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"proxy config {name}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
+
+
+_TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
+          "body_timeout_s": float, "upstream_timeout_s": float,
+          "head_timeout_s": float, "max_head_bytes": int, "max_headers": int, "max_connections": int, "api_keys": tuple, "admin_key": str,
+          "public_metrics": bool, "log_requests": bool}
+
+
+def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                **overrides: Any) -> ProxyConfig:
+    """Defaults, then ``file``, then ``env`` (``os.environ``), then non-``None`` ``overrides``."""
+    values: dict[str, Any] = {}
+    if file:
+        try:
+            data = yaml.safe_load(Path(file).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read proxy config {file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"proxy config {file} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"proxy config {file}: expected a mapping")
+        unknown = sorted(set(data) - set(_TYPES))
+        if unknown:
+            raise ConfigError(f"proxy config {file}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TYPES)}")
+        values.update(data)
+    env = os.environ if env is None else env
+    for name in _TYPES:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = ProxyConfig(**{k: _coerce(k, v, _TYPES[k]) for k, v in values.items()})
+    if not config.upstream.startswith(("http://", "https://")):
+        raise ConfigError("proxy needs --upstream http(s)://host:port (or LORAGATE_PROXY_UPSTREAM)")
+    if config.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes must be at least 1024")
+    if config.max_head_bytes < 1024 or config.max_headers < 8 or config.max_connections < 1:
+        raise ConfigError("max_head_bytes must be at least 1024, max_headers at least 8, max_connections at least 1")
+    if config.head_timeout_s <= 0 or config.body_timeout_s <= 0 or config.upstream_timeout_s <= 0:
+        raise ConfigError("timeouts must be positive")
+    return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))

@@ -1,0 +1,162 @@
+"""Every Prometheus metric the proxy exports: names, labels, help texts, in one place.
+
+Label values are bounded by construction:
+
+- ``adapter``: a name from the contracts or the engine's model list, else :data:`OTHER_ADAPTER`
+  (see :class:`loragate.server.adapters.AdapterNames`); a client can never mint a new value.
+- ``finish_reason``: ``stop`` | ``length`` | ``other`` (:class:`~loragate.core.judging.FinishClass`).
+- ``cause``: ``max_tokens`` | ``context``; ``result``: ``valid`` | ``invalid`` | ``schema_mismatch``.
+- ``endpoint``: :data:`ENDPOINTS`; ``code``: the HTTP status class (``2xx`` ... ``5xx``).
+- ``kind`` and ``reason``: the fixed tuples below.
+
+Rates an operator alerts on (the chart's recording rules compute them):
+
+- stop rate = ``loragate_completions_total{finish_reason="stop"}`` / all completions, per adapter;
+- JSON validity = ``loragate_json_outputs_total{result="valid"}`` / all judged outputs, per
+  adapter (only adapters whose contract expects JSON are judged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from loragate.core import metric_names as names
+from loragate.core.judging import FinishClass, JsonResult, LengthCause
+from loragate.core.metric_names import (  # noqa: F401  (re-exported: the proxy's label values)
+    BAD_REQUEST_REASONS,
+    ENDPOINTS,
+    OTHER_ADAPTER,
+    UNJUDGED_ENDPOINTS,
+    UPSTREAM_ERROR_KINDS,
+)
+
+#: Seconds; from tens of milliseconds (a GPU's first token) to minutes (a CPU's long answer).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _CachedLabels:
+    """``labels(*values)`` answered from a dict after the first call with those values.
+
+    prometheus_client's own ``labels`` checks the values and takes a lock on every call (0.7 µs,
+    about six calls per request). Label values here are bounded (module docstring) and no child
+    is ever removed, so the dict is bounded and never stale.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children_by_values: dict[tuple, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def labels(self, *values: Any, **by_name: Any) -> Any:
+        if by_name:
+            return super().labels(*values, **by_name)  # type: ignore[misc]
+        try:
+            return self._children_by_values[values]
+        except KeyError:
+            child = self._children_by_values[values] = super().labels(*values)  # type: ignore[misc]
+            return child
+
+
+class _Counter(_CachedLabels, Counter):
+    pass
+
+
+class _Gauge(_CachedLabels, Gauge):
+    pass
+
+
+class _Histogram(_CachedLabels, Histogram):
+    pass
+
+
+class ProxyMetrics:
+    """The proxy's metrics, registered in ``registry`` (a fresh one per proxy instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = _Counter(
+            names.REQUESTS, "HTTP requests the proxy answered, by endpoint and status class.",
+            ["endpoint", "code"], registry=r)
+        self.completions = _Counter(
+            names.COMPLETIONS,
+            "Completion choices that finished, by adapter and finish_reason (stop|length|other). "
+            "Stop rate = stop / all. A streamed choice counts once, when its stream ends.",
+            ["adapter", "finish_reason"], registry=r)
+        self.length_cutoffs = _Counter(
+            names.LENGTH_CUTOFFS,
+            "Choices cut with finish_reason=length, by cause: max_tokens (the request's budget ran out: "
+            "a runaway when the adapter should have stopped) or context (prompt + output reached max_model_len).",
+            ["adapter", "cause"], registry=r)
+        self.json_outputs = _Counter(
+            names.JSON_OUTPUTS,
+            "Choices of adapters whose contract expects JSON, by result: valid, invalid (does not parse), "
+            "schema_mismatch (parses, breaks the contract's JSON Schema). JSON validity = valid / all.",
+            ["adapter", "result"], registry=r)
+        self.constrained_outputs = _Counter(
+            names.JSON_CONSTRAINED_OUTPUTS,
+            "Judged choices of requests that asked for a JSON constraint (response_format), by result. "
+            "Anything but valid here means the engine did not honour the constraint.",
+            ["adapter", "result"], registry=r)
+        self.ttft = _Histogram(
+            names.TIME_TO_FIRST_TOKEN,
+            "Streamed requests: seconds from the proxy receiving the request to the first chunk with output.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = _Histogram(
+            names.REQUEST_DURATION,
+            "Completion requests: seconds from the proxy receiving the request to the last byte sent back.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.output_tokens = _Counter(
+            names.OUTPUT_TOKENS, "Completion tokens generated, from the engine's usage report.",
+            ["adapter"], registry=r)
+        self.upstream_errors = _Counter(
+            names.UPSTREAM_ERRORS,
+            "Requests the upstream engine failed: connect (no connection), timeout (no answer in time), "
+            "reset (connection closed after the request, before the answer), status_5xx, stream_broken "
+            "(the answer broke off, or its stream ended before every choice finished), invalid_response.",
+            ["adapter", "kind"], registry=r)
+        self.client_disconnects = _Counter(
+            names.CLIENT_DISCONNECTS,
+            "Requests whose client went away before it was handed the whole answer, streamed or not; the "
+            "engine's request is cancelled and nothing is counted as a completion.",
+            ["adapter"], registry=r)
+        self.unjudged_generations = _Counter(
+            names.UNJUDGED_GENERATIONS,
+            "Answers of generating endpoints the proxy forwards without judging them yet (the Responses "
+            "and Messages APIs), by adapter (from the request's model) and endpoint.",
+            ["adapter", "endpoint"], registry=r)
+        self.bad_requests = _Counter(
+            names.REJECTED_REQUESTS, "Requests the proxy refused itself, by reason.",
+            ["reason"], registry=r)
+        self.connections_evicted = _Counter(
+            names.CONNECTIONS_EVICTED,
+            "Client connections closed to make room at the connection cap: the one that had waited "
+            "longest for a request head (idle keep-alive or a head still arriving).", [], registry=r)
+        self.in_flight = _Gauge(
+            names.REQUESTS_IN_FLIGHT, "Requests being handled by the proxy now, by endpoint.",
+            ["endpoint"], registry=r)
+        for endpoint in ENDPOINTS:
+            self.in_flight.labels(endpoint)
+        for reason in BAD_REQUEST_REASONS:
+            self.bad_requests.labels(reason)
+        self._initialised: set[tuple[str, bool]] = set()
+
+    def init_adapter(self, adapter: str, judged_json: bool) -> None:
+        """Create every label combination of ``adapter`` at 0, once.
+
+        A ratio such as stop / all only exists in PromQL when both series exist: an adapter that
+        never stops must still export ``finish_reason="stop"`` as 0, or its stop rate (and the
+        alert on it) would be missing instead of 0.
+        """
+        key = (adapter, judged_json)
+        if key in self._initialised:
+            return
+        self._initialised.add(key)
+        for finish in FinishClass:
+            self.completions.labels(adapter, finish.value)
+        for cause in LengthCause:
+            self.length_cutoffs.labels(adapter, cause.value)
+        if judged_json:
+            for result in JsonResult:
+                self.json_outputs.labels(adapter, result.value)
