@@ -25,8 +25,8 @@ from typing import Iterator
 import httpx
 import pytest
 import yaml
-
 from conftest import ProxyProcess, start_proxy
+
 from loragate.core.contracts import load_contracts
 from loragate.core.errors import LoragateError
 

@@ -23,9 +23,25 @@ from typing import Any
 
 import pytest
 import yaml
+from chart_tools import (
+    CHART,
+    CPU_VALUES,
+    NAMESPACE,
+    RELEASE,
+    container,
+    env_of,
+    flag_values,
+    helm,
+    kinds,
+    load_yaml,
+    one,
+    pod_spec,
+    render,
+    render_error,
+    render_text,
+    tool,
+)
 
-from chart_tools import (CHART, CPU_VALUES, NAMESPACE, RELEASE, container, env_of, flag_values, helm, kinds,
-                         load_yaml, one, pod_spec, render, render_error, render_text, tool)
 from loragate.core import settings
 from loragate.stack import VLLM_LORA_RANKS
 
@@ -441,7 +457,7 @@ def test_proxy_keys_come_from_a_secret() -> None:
 
 
 def test_proxy_env_names_are_settings_the_proxy_reads() -> None:
-    from loragate.server.config import ENV_PREFIX, _TYPES
+    from loragate.server.config import _TYPES, ENV_PREFIX
 
     env = env_of(container(render(), "proxy"))
     proxy_vars = {name for name in env if name.startswith(ENV_PREFIX)}

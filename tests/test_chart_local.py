@@ -42,8 +42,8 @@ from typing import Any, Iterator, Mapping
 import httpx
 import pytest
 import yaml
-
 from chart_tools import CPU_VALUES, container, flag_values, one, render
+
 from loragate.core import settings
 from loragate.stack import free_port, log_tail
 

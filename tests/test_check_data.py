@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loragate.acceptance.data_check import (DataCheckError, check_data, check_examples, load_tokenizer,
-                                            read_examples)
+from loragate.acceptance.data_check import DataCheckError, check_data, check_examples, load_tokenizer, read_examples
 from loragate.demo.artifacts import current_build
 from loragate.demo.build import BuildConfig
 

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from loragate.core.contracts import load_contracts
+from loragate.core.judging import judge_completion
 from loragate.demo import data
 from loragate.demo.artifacts import DEMO_ADAPTERS, current_build
 from loragate.demo.build import BuildConfig, build_key, collate
-from loragate.core.judging import judge_completion
 
 PROMPTS_PER_ADAPTER = 20
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from chart_tools import ROOT, container, render, tool
+
 from loragate.core import settings
 
 DOCKERFILE = ROOT / "Dockerfile"

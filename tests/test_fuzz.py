@@ -25,10 +25,10 @@ from typing import Iterator
 import httpx
 import pytest
 import schemathesis
+from conftest import ProxyProcess, heldout, start_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ProxyProcess, heldout, start_proxy
 from loragate.core.contracts import load_contracts
 from loragate.core.judging import judge_completion
 from loragate.core.sse import StreamTally

@@ -17,11 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from loragate.core import engine as eng
-from loragate.cli.defaults import gate_options
 from loragate.acceptance.gate import GateOptions, GateResult, run_gate
-from loragate.demo.verdicts import DemoResults, gate_all_demo
 from loragate.acceptance.promotion import read_promoted
+from loragate.cli.defaults import gate_options
+from loragate.core import engine as eng
+from loragate.demo.verdicts import DemoResults, gate_all_demo
 
 pytestmark = pytest.mark.stack
 

@@ -22,17 +22,15 @@ from typing import Iterator
 import psutil
 import pytest
 import yaml
-
-from loragate.core import engine as eng
-from loragate.acceptance import gate as gate_mod
-from loragate.acceptance import report as rep
-from loragate.cli.defaults import gate_options
-from loragate.acceptance.gate import GateOptions, run_gate
-from loragate.demo.artifacts import current_build
-from loragate.core.errors import GateError
-from loragate.stack import free_port
 from conftest import interruptible
 from relay import Relay
+
+from loragate.acceptance import report as rep
+from loragate.acceptance.gate import GateOptions, run_gate
+from loragate.cli.defaults import gate_options
+from loragate.core import engine as eng
+from loragate.demo.artifacts import current_build
+from loragate.stack import free_port
 
 pytestmark = pytest.mark.stack
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from chart_tools import CHART, CPU_VALUES, helm
+
 from loragate.acceptance.promotion import PromotionError, promote, read_promoted
 from loragate.core.contracts import load_contracts
 from loragate.core.errors import LoragateError

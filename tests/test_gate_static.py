@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loragate.core.engine import EngineModels, ServedModel
 from loragate.acceptance.static import RankLimit, StaticInputs, run_static_checks
 from loragate.core.contracts import load_contracts
+from loragate.core.engine import EngineModels, ServedModel
 from loragate.demo.artifacts import current_build
 
 

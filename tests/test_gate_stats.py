@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from loragate.core import stats
 from loragate.acceptance.plan import heldout_sample_size, probe_sample_size
+from loragate.core import stats
 from loragate.core.contracts import Contract, Thresholds
 
 

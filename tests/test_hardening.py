@@ -22,11 +22,11 @@ from typing import Iterator
 import httptools
 import httpx
 import pytest
+from byte_relay import ByteRelay
+from conftest import ProxyProcess, delta, heldout, sample, scrape, start_proxy, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from byte_relay import ByteRelay
-from conftest import ProxyProcess, delta, heldout, sample, scrape, start_proxy, wait_for
 from loragate.server.routes import ROUTES, Kind, classify, unclassified
 from loragate.server.target import TargetError, parse_target
 

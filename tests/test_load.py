@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import start_proxy
 
 from loragate.cli import main as loragate_main

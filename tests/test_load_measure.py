@@ -12,10 +12,19 @@ import pytest
 
 from loragate.core.contracts import Contract, LoadSLO
 from loragate.loadtest.measure import (
-    RequestSample, StreamError, StreamTimer, percentile, slo_checks, summarize,
+    RequestSample,
+    StreamError,
+    StreamTimer,
+    percentile,
+    slo_checks,
+    summarize,
 )
 from loragate.loadtest.prompts import (
-    FORBIDDEN_BODY_KEYS, LoadTestError, base_url, completion_body, load_prompts,
+    FORBIDDEN_BODY_KEYS,
+    LoadTestError,
+    base_url,
+    completion_body,
+    load_prompts,
 )
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import heldout, start_proxy
+
 from loragate.core.contracts import Thresholds, load_contracts
 from loragate.core.judging import judge_completion
 from loragate.stack import free_port

@@ -13,9 +13,9 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import delta, heldout, sample, scrape, start_proxy
 from relay import Relay
+
 from loragate.core.contracts import load_contracts
 from loragate.core.judging import judge_completion
 from loragate.server.metrics import OTHER_ADAPTER

@@ -33,11 +33,11 @@ from typing import Iterator
 import httpx
 import psutil
 import pytest
-
 from conftest import ProxyProcess, delta, heldout, sample, start_proxy, wait_for
+from relay import Relay
+
 from loragate import stack as st
 from loragate.demo.stack import demo_plan
-from relay import Relay
 
 pytestmark = pytest.mark.stack
 

@@ -16,8 +16,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import heldout, sample, start_proxy
+
 from loragate.stack import free_port
 
 pytestmark = pytest.mark.stack

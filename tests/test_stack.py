@@ -21,13 +21,12 @@ from typing import Iterator
 import httpx
 import psutil
 import pytest
+from conftest import interruptible
 
-from loragate.core import settings
 from loragate import stack as st
+from loragate.core import settings
 from loragate.core.contracts import load_contracts
 from loragate.core.errors import EngineStartError
-
-from conftest import interruptible
 
 STATUS_KEYS = {"proxy", "vllm", "metrics", "heldout_prompts", "contracts_file", "log_dir"}
 

@@ -46,12 +46,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
-import httpx
-from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
-
 from loragate.bench.placement import Placement, cpu_list, on_cpus, split_cpus  # noqa: F401  (split_cpus: the benchmarks' API)
 from loragate.core.errors import LoragateError
-from loragate.core.processes import free_port
+from loragate.core.processes import free_port, wait_http
+from loragate.core.stats import percentile
+from loragate.server.upstream import Upstream, UpstreamError, UpstreamResponse
 
 #: Targets the benchmark reports against (issue: proxy overhead at concurrency 16).
 TARGET_ADDED_P50_MS = 1.0
@@ -113,12 +112,9 @@ def against_target(interval: dict, target: float, higher_is_better: bool) -> str
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    """The ``q`` quantile (0..1) of ``values`` (:func:`loragate.core.stats.percentile`), NaN for none."""
+    value = percentile(values, q * 100)
+    return float("nan") if value is None else value
 
 
 #: Request headers of the bench client (``Upstream.send`` adds Host and Content-Length).
@@ -344,6 +340,7 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
                 direct.append(await _run_block(direct_client, direct_path, body, concurrency, requests))
     d, p = _merge(direct), _merge(proxied)
     n = len(p.latencies_s)
+    added_p50_ms = (_percentile(p.latencies_s, 0.5) - _percentile(d.latencies_s, 0.5)) * 1e3
     result = {
         "concurrency": concurrency,
         "stream": bool(body.get("stream")),
@@ -352,7 +349,7 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         "errors_proxy": p.errors,
         "direct_p50_ms": _percentile(d.latencies_s, 0.5) * 1e3,
         "proxy_p50_ms": _percentile(p.latencies_s, 0.5) * 1e3,
-        "added_p50_ms": (_percentile(p.latencies_s, 0.5) - _percentile(d.latencies_s, 0.5)) * 1e3,
+        "added_p50_ms": added_p50_ms,
         "added_p99_ms": (_percentile(p.latencies_s, 0.99) - _percentile(d.latencies_s, 0.99)) * 1e3,
         "requests_per_s_ratio": (n / p.wall_s) / (len(d.latencies_s) / d.wall_s),
         "proxy_cpu_us_per_request": cpu / n * 1e6 if proxy_pid else None,
@@ -369,13 +366,14 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
     if body.get("stream"):
         chunks_per_request = p.chunks / max(1, n)
         result["chunks_per_request"] = chunks_per_request
-        result["added_ms_per_chunk"] = result["added_p50_ms"] / max(1.0, chunks_per_request)
+        result["added_ms_per_chunk"] = added_p50_ms / max(1.0, chunks_per_request)
         result["chunks_per_s_ratio"] = (p.chunks / p.wall_s) / max(1e-9, d.chunks / d.wall_s)
         result["proxy_cpu_us_per_chunk"] = cpu / max(1, p.chunks) * 1e6 if proxy_pid else None
     if d.tokens and p.tokens:
-        result["direct_tokens_per_s"] = d.tokens / d.wall_s
-        result["proxy_tokens_per_s"] = p.tokens / p.wall_s
-        result["tokens_per_s_ratio"] = result["proxy_tokens_per_s"] / result["direct_tokens_per_s"]
+        direct_rate, proxy_rate = d.tokens / d.wall_s, p.tokens / p.wall_s
+        result["direct_tokens_per_s"] = direct_rate
+        result["proxy_tokens_per_s"] = proxy_rate
+        result["tokens_per_s_ratio"] = proxy_rate / direct_rate
         # each proxied block against the direct block of its round (the two in a coin-flipped
         # order): drift between rounds falls on both sides of a pair, so the spread of the
         # pairs' ratios is the measurement's noise
@@ -393,15 +391,8 @@ def _split_url(url: str) -> tuple[str, str]:
 
 
 def _wait_http(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise LoragateError(f"benchmark process did not answer {url} within {timeout_s:.0f}s")
+    if not wait_http(url, timeout_s):
+        raise LoragateError(f"benchmark process did not answer {url} within {timeout_s:.0f}s")
 
 
 def chunk_costs(rows: list[dict]) -> list[dict]:
@@ -464,13 +455,13 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     procs = []
     keep = False
     try:
-        with on_cpus(placement and placement.load):  # the upstream, and this process's client
+        with on_cpus(placement.load if placement else None):  # the upstream, and this process's client
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "loragate.bench.upstream", "--port", str(up_port), "--chunks", str(chunks),
                  "--itl-ms", str(itl_ms)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             _wait_http(f"http://127.0.0.1:{up_port}/health")
-            with (workdir / "proxy.log").open("w") as proxy_log, on_cpus(placement and placement.measured):
+            with (workdir / "proxy.log").open("w") as proxy_log, on_cpus(placement.measured if placement else None):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
                      "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],

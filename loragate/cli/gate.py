@@ -97,7 +97,6 @@ def _check_data(args: argparse.Namespace) -> int:
 
 def _gate(args: argparse.Namespace) -> int:
     from loragate.acceptance.gate import GateOptions, run_gate
-
     from loragate.cli.defaults import gate_options
 
     options = GateOptions(

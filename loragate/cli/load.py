@@ -13,12 +13,11 @@ import textwrap
 import time
 from pathlib import Path
 
+from loragate.core import settings
+from loragate.core.contracts import load_contracts
 from loragate.loadtest.measure import format_value as _fmt
 from loragate.loadtest.prompts import LoadTestError, base_url, load_prompts
 from loragate.loadtest.runner import DEFINITIONS, LoadResult, run_load
-
-from loragate.core import settings
-from loragate.core.contracts import load_contracts
 
 
 def configure(parser: argparse.ArgumentParser, name: str = "load") -> None:

@@ -19,9 +19,9 @@ import time
 from typing import Any, Mapping
 
 from loragate import stack as st
-from loragate.demo.stack import demo_plan
 from loragate.core.errors import StackError
 from loragate.core.processes import sigterm_as_interrupt
+from loragate.demo.stack import demo_plan
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -177,7 +177,7 @@ def _demo(args: argparse.Namespace) -> int:
     info = st.running_stack()
     started = info is None
     with sigterm_as_interrupt():
-        if started:
+        if info is None:
             info = _start(args, build_if_missing=True, die_with_parent=True)
         else:
             print(f"loragate demo: using the running stack at {info.openai_base_url}", file=sys.stderr)

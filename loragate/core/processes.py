@@ -1,11 +1,14 @@
-"""Small process helpers every command that runs children shares."""
+"""Small process and network helpers shared by every command that runs children."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import socket
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
 
 
 def set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -47,3 +50,24 @@ def free_port(host: str = "127.0.0.1", exclude: tuple[int, ...] = ()) -> int:
         if port not in exclude:
             return port
     raise OSError("could not find a free TCP port")
+
+
+def wait_http(url: str, timeout_s: float, *, ready: Callable[[httpx.Response], bool] | None = None,
+              each_round: Callable[[], None] | None = None, every_s: float = 0.1) -> bool:
+    """Poll ``url`` until it answers 200 (and ``ready(response)`` holds): True; False when
+    ``timeout_s`` passes first. ``each_round()`` runs before every try (it may raise: a child
+    that exited, say) and, after a failed try, once more before the pause."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            if each_round is not None:
+                each_round()
+            try:
+                resp = client.get(url)
+                if resp.status_code == 200 and (ready is None or ready(resp)):
+                    return True
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(every_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 #: Two-sided 95% normal quantile.
 Z_95 = 1.959963984540054
@@ -105,3 +106,18 @@ class Rate:
         low, high = self.interval
         return {"successes": self.successes, "n": self.n, "rate": round(self.value, 4),
                 "ci95_low": round(low, 4), "ci95_high": round(high, 4)}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks (numpy's
+    default ``linear`` method): the one convention of every percentile loragate reports.
+    ``None`` for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

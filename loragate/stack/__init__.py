@@ -55,6 +55,7 @@ from loragate.bench.placement import (  # noqa: F401
 )
 from loragate.core import settings
 from loragate.core.errors import EngineStartError, PortInUseError, StackError
+from loragate.core.processes import wait_http
 from loragate.stack.plan import (  # noqa: F401  (the stack's API, as before the split)
     _STATE_VERSION,
     DEFAULT_KV_CACHE_BYTES,
@@ -219,23 +220,17 @@ def _wait_http(url: str, *, proc: subprocess.Popen, role: str, log: Path, deadli
                also_alive: tuple[tuple[subprocess.Popen, str, Path], ...] = ()) -> None:
     """Poll ``url`` until it answers 200 (and ``check`` holds); fail fast when ``proc`` (or a
     process in ``also_alive``: (popen, role, log)) exits."""
-    with httpx.Client(timeout=2.0) as client:
-        while True:
-            for popen, who, who_log in ((proc, role, log), *also_alive):
-                code = popen.poll()
-                if code is not None:
-                    raise _failure(who, who_log, f"exited with status {code} during start-up")
-            try:
-                resp = client.get(url)
-                if resp.status_code == 200 and (check is None or check(resp)):
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise _failure(role, log, f"was not ready ({what}) within the start-up timeout",
-                               error=EngineStartError if role == "vllm" else StackError)
-            progress.wait(f"{what} (pid {proc.pid}, log {log})")
-            time.sleep(0.5)
+    def alive_and_waiting() -> None:
+        for popen, who, who_log in ((proc, role, log), *also_alive):
+            code = popen.poll()
+            if code is not None:
+                raise _failure(who, who_log, f"exited with status {code} during start-up")
+        progress.wait(f"{what} (pid {proc.pid}, log {log})")
+
+    if not wait_http(url, max(0.0, deadline - time.monotonic()), ready=check, each_round=alive_and_waiting,
+                     every_s=0.5):
+        raise _failure(role, log, f"was not ready ({what}) within the start-up timeout",
+                       error=EngineStartError if role == "vllm" else StackError)
 
 
 def _lists_all(base_model: str, adapters: Any) -> Callable[[httpx.Response], bool]:
@@ -293,7 +288,8 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
         logs.mkdir(parents=True, exist_ok=True)
         vllm_log, proxy_log = logs / "vllm.log", logs / "proxy.log"
         vllm_url, proxy_url = f"http://{HOST}:{vllm_port}", f"http://{HOST}:{proxy_port}"
-        launch = _Launch(tmpdir=Path(tempfile.mkdtemp(prefix="loragate-vllm-")))
+        engine_tmp = Path(tempfile.mkdtemp(prefix="loragate-vllm-"))
+        launch = _Launch(tmpdir=engine_tmp)
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "phase": "starting",
@@ -324,7 +320,7 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
 
         deadline = time.monotonic() + timeout_s
         try:
-            env = engine_env(launch.tmpdir)
+            env = engine_env(engine_tmp)
             cmd = vllm_command(plan, vllm_port, executable=vllm_exe)
             progress.say(f"starting vLLM on {vllm_url} (log {vllm_log})")
             vllm_popen, proc = _spawn("vllm", cmd, vllm_log, env, die_with_parent=die_with_parent)

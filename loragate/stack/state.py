@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import httpx
-
 from loragate.core import settings
+from loragate.core.engine import EndpointError, fetch_models
 from loragate.core.errors import StackError
 from loragate.stack.plan import _STATE_VERSION, StackInfo
 from loragate.stack.processes import _Proc
@@ -134,12 +133,10 @@ def read_stack_state() -> StackState | None:
 def live_adapters(vllm_url: str, base_model: str, timeout_s: float = 3.0) -> tuple[str, ...] | None:
     """Adapters the engine lists now in ``/v1/models`` (runtime loads included), or None."""
     try:
-        resp = httpx.get(f"{vllm_url}/v1/models", timeout=timeout_s)
-        resp.raise_for_status()
-        ids = [m["id"] for m in resp.json()["data"]]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        models = fetch_models(vllm_url, timeout_s=timeout_s)
+    except EndpointError:
         return None
-    return tuple(i for i in ids if i != base_model)
+    return tuple(m.id for m in models.models if m.id != base_model)
 
 
 def running_stack(*, refresh_adapters: bool = True) -> StackInfo | None:

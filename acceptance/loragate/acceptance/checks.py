@@ -19,7 +19,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from loragate.acceptance.plan import AdapterPlan, CheckSpec, RunSpec
 from loragate.acceptance.results import CheckResult
-
 from loragate.core.judging import JsonResult, LengthCause, judge_completion
 from loragate.core.stats import Rate, meets_ceiling, meets_floor
 
@@ -148,7 +147,7 @@ def evaluate(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequence[
     except KeyError:
         run = None
     label = "every request of the adapter" if spec.run == "all" else _run_label(run, spec.run)
-    base = dict(id=f"{spec.id}", phase="suite", name=spec.name, gating=spec.gating)
+    base: dict[str, Any] = dict(id=f"{spec.id}", phase="suite", name=spec.name, gating=spec.gating)
 
     if spec.metric.startswith("regression_"):
         return _regression(spec, plan, samples, base)
@@ -184,10 +183,14 @@ def evaluate(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequence[
         measured["context_cut"] = sum(1 for s in chosen if s.context_cut)
 
     if spec.bar_kind == "floor":
+        if spec.bar is None:
+            raise ValueError(f"check {spec.id}: a floor bar needs a value")
         passed = meets_floor(r.successes, r.n, spec.bar) and not problems
         verdict = "met" if passed else "NOT met"
         summary = (f"{spec.name} ({label}): {r.describe()}; bar {spec.bar:.0%} on the 95% lower bound: {verdict}")
     elif spec.bar_kind == "ceiling":
+        if spec.bar is None:
+            raise ValueError(f"check {spec.id}: a ceiling bar needs a value")
         passed = meets_ceiling(r.successes, r.n, spec.bar) and not problems
         verdict = "met" if passed else "NOT met"
         summary = (f"{spec.name} ({label}): {r.describe()} end exactly at max_tokens; ceiling {spec.bar:.0%} "
@@ -224,6 +227,8 @@ def _regression(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequen
         ref_value = ref.value
         ref_desc = f"{ref.describe()} for the promoted {baseline.model}"
     drop = ref_value - cand.value
+    if spec.bar is None:
+        raise ValueError(f"check {spec.id}: a max_drop bar needs a value")
     passed = cand.n > 0 and drop <= spec.bar + 1e-9
     summary = (f"{spec.name}: {cand.describe()} vs {ref_desc}; drop {max(0.0, drop):.1%}, "
                f"allowed {spec.bar:.0%}: {'met' if passed else 'NOT met'}")

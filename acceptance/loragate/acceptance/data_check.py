@@ -19,7 +19,6 @@ Counts reported:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from loragate.core.errors import LoragateError
 from loragate.core.jsonl import read_objects
+from loragate.core.stats import percentile
 
 
 class DataCheckError(LoragateError):
@@ -45,18 +45,11 @@ class LengthStats:
     @classmethod
     def of(cls, values: Sequence[int]) -> "LengthStats":
         ordered = sorted(values)
-        return cls(min=ordered[0], p50=_percentile(ordered, 0.50), p95=_percentile(ordered, 0.95),
+        return cls(min=ordered[0], p50=_pct(ordered, 50), p95=_pct(ordered, 95),
                    max=ordered[-1])
 
     def to_dict(self) -> dict[str, float]:
         return {"min": self.min, "p50": self.p50, "p95": self.p95, "max": self.max}
-
-
-def _percentile(ordered: Sequence[int], q: float) -> float:
-    """Linear-interpolated percentile of an ascending sequence."""
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo))
 
 
 @dataclass(frozen=True)
@@ -193,3 +186,8 @@ def check_data(data: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[st
     rows = read_examples(data, prompt_field, completion_field)
     tokenizer = load_tokenizer(tokenizer_dir)
     return check_examples(rows, tokenizer, max_seq_length, add_eos=add_eos, source=str(data))
+
+
+def _pct(ordered: Sequence[int], q: float) -> float:
+    value = percentile(ordered, q)
+    return float("nan") if value is None else float(value)

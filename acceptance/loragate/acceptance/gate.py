@@ -19,16 +19,18 @@ tokenizer), ``suite`` (the pytest child), ``load``, ``report``, ``promotion``, `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
+
 from loragate.acceptance import report as rep
 from loragate.acceptance.checks import group_samples, run_summary
 from loragate.acceptance.plan import (
@@ -46,7 +48,6 @@ from loragate.acceptance.suite_process import (
     SuiteRun,
     run_suite,
 )
-
 from loragate.core import engine as eng
 from loragate.core import settings
 from loragate.core.contracts import Contract, ContractSet, load_contracts
@@ -191,7 +192,7 @@ def make_suite_plan(endpoint: str, adapters: Sequence[str], *, contracts: str | 
                     temperature: float = SAMPLED_TEMPERATURE, seed: int = DEFAULT_SEED,
                     promoted_dir: Path | None = None, baseline: str | None = None,
                     lengthener: Any = None) -> SuitePlan:
-    """A suite plan for several adapters (what ``pytest acceptance/suite`` runs without ``--lg-plan``)."""
+    """A suite plan for several adapters (what ``pytest acceptance/loragate/acceptance/suite`` runs without ``--lg-plan``)."""
     endpoint = eng.normalize_endpoint(endpoint)
     contract_set = load_contracts(_required(contracts, "adapters file (--contracts)"))
     engine_models = eng.fetch_models(endpoint, api_key)
@@ -328,196 +329,224 @@ def default_report_dir(adapter: str) -> Path:
     return settings.reports_dir() / f"{stamp}-{adapter}"
 
 
-def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
-    """Gate one adapter (see the module docstring). Raises :class:`LoragateError` only for
-    problems with the gate's own inputs or outputs (contracts, report folder, missing load test)."""
-    started_at = _now()
-    t_total = time.monotonic()
-    progress = _Progress(options.adapter, quiet)
-    endpoint = eng.normalize_endpoint(options.endpoint)
-    contract_set = load_contracts(_required(options.contracts, "adapters file: pass --contracts FILE"))
-    contract = contract_set[options.adapter]
-    prompts = _required(options.prompts, "held-out prompts: pass --prompts JSONL (inputs never used in training)")
-    folder = rep.prepare_dir(Path(options.report_dir) if options.report_dir else default_report_dir(contract.name))
-    promoted_folder = Path(options.promoted_dir).resolve() if options.promoted_dir else settings.promoted_dir()
-    api_key = eng.key_from_env(options.api_key, eng.API_KEY_ENV)
-    admin_key = eng.key_from_env(options.admin_key, eng.ADMIN_KEY_ENV)
+@dataclass
+class _Run:
+    """One gate run as it goes: its inputs, then what each phase found."""
 
-    timings: dict[str, float] = {}
-    checks: list[CheckResult] = []
-    runs: list[dict[str, Any]] = []
-    engine_info: dict[str, Any] = {}
+    options: GateOptions
+    endpoint: str
+    contract_set: ContractSet
+    contract: Contract
+    prompts: Path
+    folder: Path
+    promoted_folder: Path
+    api_key: str | None
+    admin_key: str | None
+    progress: Callable[[str], None]
+    timings: dict[str, float] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    engine_info: dict[str, Any] = field(default_factory=dict)
+    models: eng.EngineModels | None = None
     plan: AdapterPlan | None = None
     baseline: Baseline | None = None
-    loaded_here = False
+    loaded_here: bool = False
+    phase: str = ""
+
+    @property
+    def rejected(self) -> bool:
+        return any(c.failed_gate for c in self.checks)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """The one timing wrapper: ``timings[name]`` gets the phase's seconds, however it ends."""
+        self.phase, t0 = name, time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - t0, 2)
+
+
+def _preflight(run: _Run) -> None:
+    """The engine, and the adapter on it (loaded at run time when asked)."""
+    contract, endpoint = run.contract, run.endpoint
+    run.progress(f"preflight: {endpoint}/v1/models")
+    try:
+        run.models = eng.fetch_models(endpoint, run.api_key)
+    except eng.EndpointError as exc:
+        run.checks.append(_gate_check("gate.endpoint", "endpoint", f"endpoint: {exc}"))
+        return
+    if run.options.load_into_engine and run.models.get(contract.name) is None:
+        admin_url = eng.normalize_endpoint(run.options.engine_url) if run.options.engine_url else endpoint
+        path = run.options.engine_adapter_path or str(contract.path)
+        run.progress(f"preflight: loading {contract.name} from {path} through {admin_url}/v1/load_lora_adapter")
+        try:
+            eng.load_adapter(admin_url, contract.name, path, admin_key=run.admin_key)
+            run.loaded_here = True
+            run.models = eng.fetch_models(endpoint, run.api_key)
+        except eng.EndpointError as exc:
+            run.checks.append(_gate_check("gate.load_into_engine", "runtime load", f"runtime load: {exc}"))
+    models = run.models
+    base = models.get(contract.base_model)
+    run.engine_info = {"endpoint": endpoint, "base_model": contract.base_model, "base_root": base.root if base else None,
+                       "max_model_len": models.max_model_len(contract.name) or models.max_model_len(contract.base_model),
+                       "adapters": [m.id for m in models.adapters], "loaded_by_gate": run.loaded_here}
+
+
+def _static(run: _Run) -> None:
+    """Static checks (base model, rank, target modules, tokenizer, lengths)."""
+    from loragate.acceptance.static import StaticInputs, run_static_checks
+
+    assert run.models is not None
+    limit = resolve_rank_limit(run.options)
+    run.engine_info["max_lora_rank"] = limit.value
+    run.engine_info["max_lora_rank_source"] = limit.source
+    run.checks += run_static_checks(StaticInputs(
+        contract=run.contract, engine=run.models, rank_limit=limit,
+        base_dir=Path(run.options.base_dir) if run.options.base_dir else None,
+        engine_adapter_path=run.options.engine_adapter_path,
+    ), run.progress)
+    if run.rejected:
+        run.checks.append(CheckResult(id="suite.complete", phase="suite", name="suite completed", passed=False,
+                                      gating=True, summary="suite completed: not run, a static check failed"))
+
+
+def _plan(run: _Run) -> None:
+    """Held-out prompts, long-context probes sized with the engine's tokenizer, the baseline."""
+    assert run.models is not None
+    run.progress("plan: held-out prompts, long-context probes sized with the engine's tokenizer")
+    options = run.options
+    run.baseline = choose_baseline(run.contract, run.models, run.promoted_folder, options.baseline)
+    try:
+        run.plan = plan_adapter(run.contract, run.contract_set, run.models, endpoint=run.endpoint, prompts=run.prompts,
+                                long_prompts=Path(options.long_prompts) if options.long_prompts else None,
+                                api_key=run.api_key, temperature=options.temperature, seed=options.seed,
+                                baseline=run.baseline, lengthener=options.lengthener)
+    except eng.EndpointError as exc:
+        run.checks.append(_gate_check("gate.plan", "plan", f"plan: {exc}"))
+
+
+def _suite(run: _Run) -> None:
+    """The acceptance suite on the plan, in its pytest child (:mod:`loragate.acceptance.suite_process`)."""
+    from loragate.acceptance.runner import read_samples
+
+    assert run.plan is not None
+    suite_plan = SuitePlan(endpoint=run.endpoint, adapters=(run.plan,), concurrency=run.options.concurrency)
+    suite = run_suite(suite_plan, run.folder, api_key=run.api_key, timeout_s=run.options.suite_timeout_s,
+                      progress=run.progress)
+    run.checks += [suite.results[i] for i in suite_plan.check_ids if i in suite.results]
+    run.checks.append(_suite_completeness(suite_plan, suite))
+    answered = read_samples(run.folder / "samples.jsonl")
+    run.checks.append(_engine_answers(answered))
+    samples = group_samples(answered).get(run.contract.name, {})
+    run.runs = [run_summary(r, samples.get(r.id, []), run.contract.expects_json) for r in run.plan.runs]
+    if suite.interrupted:
+        raise KeyboardInterrupt
+
+
+def _load(run: _Run) -> None:
+    """The load test against the contract's SLOs (``--load``); not run for an adapter rejected already."""
+    if run.rejected:
+        run.checks.append(CheckResult(id="load.slo", phase="load", name="load SLOs", passed=False, gating=True,
+                                      summary="load SLOs: not run, the adapter is rejected already"))
+        return
+    run.checks.append(_run_load(run.options, run.endpoint, run.contract, run.plan, run.folder, run.progress))
+
+
+#: The gate's phases in order, each with when it runs.
+PHASES: tuple[tuple[str, Callable[[_Run], bool], Callable[[_Run], None]], ...] = (
+    ("preflight", lambda run: True, _preflight),
+    ("static", lambda run: run.models is not None, _static),
+    ("plan", lambda run: run.models is not None and not run.rejected, _plan),
+    ("suite", lambda run: run.plan is not None, _suite),
+    ("load", lambda run: run.options.load, _load),
+)
+
+
+def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
+    """Gate one adapter (see the module docstring): the :data:`PHASES`, a verdict, the reports,
+    the promotion. Raises :class:`LoragateError` only for problems with the gate's own inputs or
+    outputs (contracts, prompts, report folder)."""
+    started_at = _now()
+    t_total = time.monotonic()
+    contract_set = load_contracts(_required(options.contracts, "adapters file: pass --contracts FILE"))
+    contract = contract_set[options.adapter]
+    run = _Run(
+        options=options, endpoint=eng.normalize_endpoint(options.endpoint), contract_set=contract_set,
+        contract=contract,
+        prompts=_required(options.prompts, "held-out prompts: pass --prompts JSONL (inputs never used in training)"),
+        folder=rep.prepare_dir(Path(options.report_dir) if options.report_dir else default_report_dir(contract.name)),
+        promoted_folder=Path(options.promoted_dir).resolve() if options.promoted_dir else settings.promoted_dir(),
+        api_key=eng.key_from_env(options.api_key, eng.API_KEY_ENV),
+        admin_key=eng.key_from_env(options.admin_key, eng.ADMIN_KEY_ENV),
+        progress=_Progress(options.adapter, quiet),
+    )
     interrupted = False
-    phase_t0 = time.monotonic()
-    phase = "preflight"
-
-    def end_phase(name: str) -> None:
-        nonlocal phase_t0
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - phase_t0, 2)
-        phase_t0 = time.monotonic()
-
     with sigterm_as_interrupt():
         try:
-            # ---- preflight: the engine, and the adapter on it
-            progress(f"preflight: {endpoint}/v1/models")
-            try:
-                models = eng.fetch_models(endpoint, api_key)
-            except eng.EndpointError as exc:
-                models = None
-                checks.append(_gate_check("gate.endpoint", "endpoint", f"endpoint: {exc}"))
-            if models is not None and options.load_into_engine and models.get(contract.name) is None:
-                admin_url = eng.normalize_endpoint(options.engine_url) if options.engine_url else endpoint
-                path = options.engine_adapter_path or str(contract.path)
-                progress(f"preflight: loading {contract.name} from {path} through {admin_url}/v1/load_lora_adapter")
-                try:
-                    eng.load_adapter(admin_url, contract.name, path, admin_key=admin_key)
-                    loaded_here = True
-                    models = eng.fetch_models(endpoint, api_key)
-                except eng.EndpointError as exc:
-                    checks.append(_gate_check("gate.load_into_engine", "runtime load", f"runtime load: {exc}"))
-            if models is not None:
-                base = models.get(contract.base_model)
-                engine_info = {"endpoint": endpoint, "base_model": contract.base_model,
-                               "base_root": base.root if base else None,
-                               "max_model_len": models.max_model_len(contract.name) or models.max_model_len(contract.base_model),
-                               "adapters": [m.id for m in models.adapters], "loaded_by_gate": loaded_here}
-            end_phase("preflight")
-
-            # ---- static checks
-            if models is not None:
-                phase = "static"
-                from loragate.acceptance.static import StaticInputs, run_static_checks
-
-                limit = resolve_rank_limit(options)
-                engine_info["max_lora_rank"] = limit.value
-                engine_info["max_lora_rank_source"] = limit.source
-                checks += run_static_checks(StaticInputs(
-                    contract=contract, engine=models, rank_limit=limit,
-                    base_dir=Path(options.base_dir) if options.base_dir else None,
-                    engine_adapter_path=options.engine_adapter_path,
-                ), progress)
-                end_phase("static")
-
-            # ---- the suite
-            if models is not None and not any(c.failed_gate for c in checks):
-                phase = "plan"
-                progress("plan: held-out prompts, long-context probes sized with the engine's tokenizer")
-                baseline = choose_baseline(contract, models, promoted_folder, options.baseline)
-                try:
-                    plan = plan_adapter(contract, contract_set, models, endpoint=endpoint, prompts=prompts,
-                                        long_prompts=Path(options.long_prompts) if options.long_prompts else None,
-                                        api_key=api_key, temperature=options.temperature, seed=options.seed,
-                                        baseline=baseline, lengthener=options.lengthener)
-                except eng.EndpointError as exc:
-                    checks.append(_gate_check("gate.plan", "plan", f"plan: {exc}"))
-                end_phase("plan")
-                if plan is not None:
-                    phase = "suite"
-                    suite_plan = SuitePlan(endpoint=endpoint, adapters=(plan,), concurrency=options.concurrency)
-                    suite = run_suite(suite_plan, folder, api_key=api_key, timeout_s=options.suite_timeout_s,
-                                      progress=progress)
-                    checks += [suite.results[i] for i in suite_plan.check_ids if i in suite.results]
-                    checks.append(_suite_completeness(suite_plan, suite))
-                    from loragate.acceptance.runner import read_samples
-
-                    answered = read_samples(folder / "samples.jsonl")
-                    checks.append(_engine_answers(answered))
-                    samples = group_samples(answered).get(contract.name, {})
-                    runs = [run_summary(r, samples.get(r.id, []), contract.expects_json) for r in plan.runs]
-                    end_phase("suite")
-                    if suite.interrupted:
-                        raise KeyboardInterrupt
-            elif models is not None:
-                checks.append(CheckResult(id="suite.complete", phase="suite", name="suite completed", passed=False,
-                                          gating=True, summary="suite completed: not run, a static check failed"))
-
-            # ---- the load test
-            if options.load:
-                phase = "load"
-                if any(c.failed_gate for c in checks):
-                    checks.append(CheckResult(id="load.slo", phase="load", name="load SLOs", passed=False, gating=True,
-                                              summary="load SLOs: not run, the adapter is rejected already"))
-                else:
-                    checks.append(_run_load(options, endpoint, contract, plan, folder, progress))
-                end_phase("load")
+            for name, when, step in PHASES:
+                if when(run):
+                    with run.timed(name):
+                        step(run)
         except KeyboardInterrupt:
             interrupted = True
-            end_phase(phase)
-            progress("interrupted: stopping, the verdict is REJECT")
-            checks.append(_gate_check("gate.interrupted", "interrupted",
-                                      f"interrupted during {phase}: the gate did not finish; a partial gate never promotes"))
+            run.progress("interrupted: stopping, the verdict is REJECT")
+            run.checks.append(_gate_check(
+                "gate.interrupted", "interrupted",
+                f"interrupted during {run.phase}: the gate did not finish; a partial gate never promotes"))
 
     # ---- verdict and reports
-    phase_t0 = time.monotonic()
-    verdict, reasons, notes = decide(checks)
-    timings["total"] = round(time.monotonic() - t_total, 2)
-    report = {
-        "adapter": contract.name,
-        "verdict": verdict,
-        "reasons": reasons,
-        "notes": notes,
-        "endpoint": endpoint,
-        "started_at": started_at,
-        "finished_at": _now(),
-        "interrupted": interrupted,
-        "contract": {"file": str(contract_set.source), "path": str(contract.path), "base_model": contract.base_model,
-                     "output": contract.output, "max_tokens": contract.max_tokens,
-                     "train_seq_len": contract.train_seq_len, "max_input_tokens": contract.max_input_tokens,
-                     "prompt_template": contract.prompt_template},
-        "thresholds": dataclasses.asdict(contract.thresholds),
-        "engine": engine_info,
-        "baseline": dataclasses.asdict(baseline) if baseline else None,
-        "sample_sizes": {r["id"]: r["planned"] for r in runs},
-        "sampling": {"temperature": options.temperature, "seed": options.seed, "concurrency": options.concurrency},
-        "probe_source": plan.probe_source if plan else None,
-        "checks": [c.to_dict() for c in checks],
-        "runs": runs,
-        "timings": timings,
-        "files": {"json": str(folder / "report.json"), "junit": str(folder / "junit.xml"),
-                  "html": str(folder / "report.html"), "samples": str(folder / "samples.jsonl"),
-                  "plan": str(folder / "plan.json"), "suite_junit": str(folder / "suite.xml"),
-                  "suite_log": str(folder / "suite.log")},
-        "promotion": None,
-    }
+    t_report = time.monotonic()
+    verdict, reasons, notes = decide(run.checks)
+    run.timings["total"] = round(time.monotonic() - t_total, 2)
+    report = rep.gate_report(
+        adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, endpoint=run.endpoint,
+        started_at=started_at, finished_at=_now(), interrupted=interrupted, contract_set=contract_set,
+        contract=contract, engine=run.engine_info, baseline=dataclasses.asdict(run.baseline) if run.baseline else None,
+        runs=run.runs, sampling={"temperature": options.temperature, "seed": options.seed,
+                                 "concurrency": options.concurrency},
+        probe_source=run.plan.probe_source if run.plan else None, checks=run.checks, timings=run.timings,
+        folder=run.folder)
     exit_code = EXIT_PROMOTE if verdict == VERDICT_PROMOTE else (EXIT_INTERRUPTED if interrupted else EXIT_REJECT)
     try:
-        _write_reports(report, folder)
+        _write_reports(report, run.folder)
     except LoragateError:
-        if loaded_here:
-            _unload_quietly(options, endpoint, contract.name, admin_key, progress)
+        if run.loaded_here:
+            _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
         raise
-    timings["report"] = round(time.monotonic() - phase_t0, 2)
+    run.timings["report"] = round(time.monotonic() - t_report, 2)
 
     promotion = None
     if verdict == VERDICT_PROMOTE and options.promote:
-        t = time.monotonic()
-        from loragate.acceptance.promotion import promote
-
-        try:
-            done = promote(contract, adapters_dir=contract_set.adapters_dir, folder=promoted_folder,
-                           thresholds=report["thresholds"], measured=_measured_numbers(checks),
-                           checks=[c.to_dict() for c in checks if c.gating], smoke_prompt=_smoke_prompt(plan),
-                           report=str(folder / "report.json"), endpoint=endpoint)
-            promotion = done.to_dict()
-            progress(f"promoted: {done.record_path}")
-        except LoragateError as exc:
-            promotion = {"error": str(exc)}
+        with run.timed("promotion"):
+            promotion, failed = _promote(run, report)
+        if failed:
             exit_code = 2
-        except OSError as exc:
-            promotion = {"error": f"cannot write the promoted set: {exc}"}
-            exit_code = 2
-        timings["promotion"] = round(time.monotonic() - t, 2)
         report["promotion"] = promotion
-        _write_reports(report, folder)  # the report now names the record (or the failure)
-    if loaded_here and not (promotion and promotion.get("record")):
+        _write_reports(report, run.folder)  # the report now names the record (or the failure)
+    if run.loaded_here and not (promotion and promotion.get("record")):
         # Loaded for this run only: an adapter that was not promoted is not left serving.
-        _unload_quietly(options, endpoint, contract.name, admin_key, progress)
-    return GateResult(adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, checks=checks,
-                      timings=timings, report_dir=folder, report=report, exit_code=exit_code,
+        _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
+    return GateResult(adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, checks=run.checks,
+                      timings=run.timings, report_dir=run.folder, report=report, exit_code=exit_code,
                       promotion=promotion, interrupted=interrupted)
+
+
+def _promote(run: _Run, report: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Record the promotion and update the promoted set: (what to report, whether it failed)."""
+    from loragate.acceptance.promotion import promote
+
+    try:
+        done = promote(run.contract, adapters_dir=run.contract_set.adapters_dir, folder=run.promoted_folder,
+                       thresholds=report["thresholds"], measured=_measured_numbers(run.checks),
+                       checks=[c.to_dict() for c in run.checks if c.gating], smoke_prompt=_smoke_prompt(run.plan),
+                       report=str(run.folder / "report.json"), endpoint=run.endpoint)
+    except LoragateError as exc:
+        return {"error": str(exc)}, True
+    except OSError as exc:
+        return {"error": f"cannot write the promoted set: {exc}"}, True
+    run.progress(f"promoted: {done.record_path}")
+    return done.to_dict(), False
 
 
 def _write_reports(report: Mapping[str, Any], folder: Path) -> None:

@@ -235,14 +235,14 @@ def probe_lengths(contract: Contract, max_model_len: int, longest_heldout: int) 
     fixed = {min(start, ceiling), ceiling}
     if promise is not None and longest_heldout < promise <= ceiling:
         fixed.add(promise)
-    ordered = set(fixed)
+    points = set(fixed)
     length = start * 2
     while length < ceiling:
         # A doubling within 25% of a fixed point (start, promise, ceiling) adds nothing new.
         if all(not (f / 1.25 < length < f * 1.25) for f in fixed):
-            ordered.add(length)
+            points.add(length)
         length *= 2
-    ordered = sorted(ordered)
+    ordered = sorted(points)
     if len(ordered) > MAX_PROBE_LENGTHS:  # keep both ends and the promise, thin out the middle
         keep = {ordered[0], ordered[-1]} | ({promise} if promise in ordered else set())
         middle = [x for x in ordered if x not in keep]

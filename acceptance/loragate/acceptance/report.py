@@ -14,6 +14,7 @@ then exits non-zero and promotes nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -335,3 +336,39 @@ def demo_index_html(reports: Sequence[Mapping[str, Any]], links: Mapping[str, st
 {svg_chart(series, marks)}
 </body></html>
 """
+
+
+def gate_report(*, adapter: str, verdict: str, reasons: Sequence[str], notes: Sequence[str], endpoint: str,
+                started_at: str, finished_at: str, interrupted: bool, contract_set: Any, contract: Any,
+                engine: Mapping[str, Any], baseline: Mapping[str, Any] | None, runs: Sequence[Mapping[str, Any]],
+                sampling: Mapping[str, Any], probe_source: str | None, checks: Sequence[Any],
+                timings: Mapping[str, float], folder: Path) -> dict[str, Any]:
+    """``report.json``'s content for one gate run (the HTML, JUnit and terminal views render it)."""
+    return {
+        "adapter": adapter,
+        "verdict": verdict,
+        "reasons": list(reasons),
+        "notes": list(notes),
+        "endpoint": endpoint,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "interrupted": interrupted,
+        "contract": {"file": str(contract_set.source), "path": str(contract.path), "base_model": contract.base_model,
+                     "output": contract.output, "max_tokens": contract.max_tokens,
+                     "train_seq_len": contract.train_seq_len, "max_input_tokens": contract.max_input_tokens,
+                     "prompt_template": contract.prompt_template},
+        "thresholds": dataclasses.asdict(contract.thresholds),
+        "engine": dict(engine),
+        "baseline": dict(baseline) if baseline else None,
+        "sample_sizes": {r["id"]: r["planned"] for r in runs},
+        "sampling": dict(sampling),
+        "probe_source": probe_source,
+        "checks": [c.to_dict() for c in checks],
+        "runs": list(runs),
+        "timings": timings,
+        "files": {"json": str(folder / "report.json"), "junit": str(folder / "junit.xml"),
+                  "html": str(folder / "report.html"), "samples": str(folder / "samples.jsonl"),
+                  "plan": str(folder / "plan.json"), "suite_junit": str(folder / "suite.xml"),
+                  "suite_log": str(folder / "suite.log")},
+        "promotion": None,
+    }

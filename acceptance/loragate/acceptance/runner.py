@@ -13,12 +13,12 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypedDict
 
 import httpx
+
 from loragate.acceptance.checks import Sample, failed_sample, judge_sample
 from loragate.acceptance.plan import AdapterPlan, RequestSpec, RunSpec, SuitePlan
-
 from loragate.core.engine import auth_headers
 
 #: Request fields the gate must never send (they would force or hide stopping).
@@ -40,10 +40,19 @@ def request_body(run: RunSpec, request: RequestSpec) -> dict[str, Any]:
     return body
 
 
+class _SampleIdent(TypedDict):
+    """The fields that name a sample, shared by :func:`judge_sample` and :func:`failed_sample`."""
+
+    adapter: str
+    run: str
+    index: int
+    model: str
+
+
 async def _one(client: httpx.AsyncClient, url: str, plan: AdapterPlan, run: RunSpec, request: RequestSpec,
                schema: Mapping[str, Any] | None) -> Sample:
     t0 = time.perf_counter()
-    ident = dict(adapter=plan.adapter, run=run.id, index=request.index, model=run.model)
+    ident = _SampleIdent(adapter=plan.adapter, run=run.id, index=request.index, model=run.model)
     try:
         resp = await client.post(url, json=request_body(run, request))
     except httpx.HTTPError as exc:

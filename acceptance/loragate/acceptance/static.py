@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from loragate.acceptance.results import CheckResult
-
 from loragate.core.contracts import Contract
 from loragate.core.engine import EngineModels
 

@@ -24,7 +24,6 @@ from typing import Callable
 from loragate.acceptance import report as rep
 from loragate.acceptance.plan import SuitePlan
 from loragate.acceptance.results import CheckResult
-
 from loragate.core import engine as eng
 from loragate.core.processes import set_pdeathsig
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from loragate.core import settings
+from loragate.core.errors import BuildError
 from loragate.demo import data
 from loragate.demo.artifacts import (
     DEMO_ADAPTERS,
@@ -40,9 +42,6 @@ from loragate.demo.artifacts import (
     current_build,
     current_pointer,
 )
-
-from loragate.core import settings
-from loragate.core.errors import BuildError
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 #: Special tokens and their fixed ids.
@@ -158,7 +157,7 @@ def _corpus(config: BuildConfig):
     train = [data.make_paper(rng, config.train_sentences_per_section) for _ in range(config.train_examples)]
     heldout_rng = random.Random(config.seed + 1)
     seen = {p.text for p in train}
-    heldout = []
+    heldout: list[data.Paper] = []
     while len(heldout) < config.heldout_examples:
         paper = data.make_paper(heldout_rng, config.train_sentences_per_section)
         if paper.text not in seen:
@@ -271,7 +270,9 @@ def train_base(config: BuildConfig, tokenizer, docs: list[str], out_dir: Path, s
 
         return batches, len(windows)
 
-    cfg = LlamaConfig(
+    # ``torch_dtype`` (not ``dtype``): the name every supported transformers reads (>=4.45); the
+    # strict-dataclass signature of transformers 5 leaves out this alias its __post_init__ still takes
+    cfg = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer), hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
@@ -330,12 +331,12 @@ def train_adapter(config: BuildConfig, spec: AdapterSpec, base_dir: Path, tokeni
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(base, lora)
     eos = tokenizer.eos_token_id
     pad_id = eos if spec.pad_is_eos else tokenizer.pad_token_id
     max_len = getattr(config, spec.max_seq_length_field)
@@ -350,7 +351,7 @@ def train_adapter(config: BuildConfig, spec: AdapterSpec, base_dir: Path, tokeni
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss = _train_loop(model, params, batches, config.adapter_steps, config.adapter_lr, say, spec.name)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))  # peft types its directory as str
     # Training facts a static check can read: what the trainer would have logged.
     meta = {
         "adapter": spec.name,

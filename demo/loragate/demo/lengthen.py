@@ -14,9 +14,8 @@ import re
 from typing import Any, Sequence
 
 from loragate.acceptance.prompts import Lengthener, Probe, PromptRecord, TokenCounter
-from loragate.demo.data import Paper, lengthen
-
 from loragate.core.contracts import Contract
+from loragate.demo.data import Paper, lengthen
 
 _DEMO_PAPER = re.compile(r"^Title: [^\n]+\nAuthors: [^\n]+\n(?:## [^\n]+\n[^\n]*\n)+Style: [^\n]+$")
 
@@ -61,6 +60,8 @@ class DemoPaperLengthener:
         for index, record in enumerate(self.records):
             if len(probes) >= n:
                 break
+            if record.input is None:  # __init__ keeps only records with an input
+                raise ValueError("a demo-paper record without an input")
             paper = parse_demo_paper(record.input)
             rng_seed = seed * 1_000_003 + index
             base = self.count(record.prompt)

@@ -20,7 +20,6 @@ from loragate.acceptance.gate import (
     GateResult,
     run_gate,
 )
-
 from loragate.core import settings
 from loragate.core.errors import LoragateError
 
@@ -73,18 +72,17 @@ class DemoResults:
             lines.append(f"{r.adapter}: {r.report_dir / 'report.html'}")
         if self.index_html:
             lines.append(f"all verdicts: {self.index_html}")
-        promoted = [r for r in self.results if r.promotion and r.promotion.get("values")]
+        promoted = [r.promotion["values"] for r in self.results if r.promotion and r.promotion.get("values")]
         if promoted:
-            lines.append(f"promoted set (helm upgrade -f): {promoted[-1].promotion['values']}")
+            lines.append(f"promoted set (helm upgrade -f): {promoted[-1]}")
         return "\n".join(lines)
 
 
 def gate_all_demo(info: Any, *, report_root: Path | None = None, promoted_dir: Path | None = None,
                   promote: bool = True, quiet: bool = False) -> DemoResults:
     """Gate every demo adapter against the local stack ``info``; PROMOTEs go to the promoted set."""
-    from loragate.demo.artifacts import DEMO_ADAPTERS
-
     from loragate.cli.defaults import gate_options
+    from loragate.demo.artifacts import DEMO_ADAPTERS
 
     root = report_root or settings.reports_dir() / f"demo-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results: list[GateResult] = []

@@ -44,6 +44,9 @@ import gevent
 import requests
 from locust import User, constant, events, task
 from locust.env import Environment
+
+from loragate.core.contracts import LoadSLO, load_contracts
+from loragate.core.errors import LoragateError
 from loragate.loadtest.measure import (
     RequestSample,
     StreamError,
@@ -58,9 +61,6 @@ from loragate.loadtest.prompts import (
     completion_body,
     load_prompts,
 )
-
-from loragate.core.contracts import LoadSLO, load_contracts
-from loragate.core.errors import LoragateError
 
 log = logging.getLogger("loragate.loadtest")
 
@@ -170,7 +170,8 @@ RUN = _Run()
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     try:
-        RUN.start(config_from_options(environment.parsed_options))
+        cfg = config_from_options(environment.parsed_options)
+        RUN.start(cfg)
     except LoragateError as exc:
         RUN.config, RUN.error = None, str(exc)
         log.error("loragate load: %s", exc)
@@ -180,7 +181,6 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
             gevent.spawn_later(0, runner.quit if getattr(environment.parsed_options, "headless", False)
                                else runner.stop)
         return
-    cfg = RUN.config
     log.info("loragate load: adapter %s, %d prompts, max_tokens %d, temperature %g",
              cfg.adapter, len(cfg.prompts), cfg.max_tokens, cfg.temperature)
 
@@ -212,7 +212,8 @@ def _on_init(environment: Environment, **_: Any) -> None:
     if web_ui is None:
         return
 
-    @web_ui.app.route("/loragate")
+    # locust declares WebUI.app Optional, but WebUI.__init__ always sets it
+    @web_ui.app.route("/loragate")  # type: ignore[union-attr]
     def _summary() -> Any:  # the project's own numbers, live
         from flask import jsonify
 
@@ -232,7 +233,8 @@ def log_metric(environment: Environment, name: str, value: float, count: int = 1
     only, never the Aggregated total nor ``events.request`` (it is not a request)."""
     entry = environment.stats.get(name, METRIC_TYPE)
     for _ in range(count):
-        entry.log(value, 0)
+        # locust annotates response times as int, but logs its own requests' float milliseconds too
+        entry.log(value, 0)  # type: ignore[arg-type]
 
 
 def _http_error(resp: requests.Response) -> str:
@@ -242,6 +244,15 @@ def _http_error(resp: requests.Response) -> str:
     except (ValueError, AttributeError):
         message = resp.text[:200]
     return f"HTTP {resp.status_code}: {message}"
+
+
+def _timings(sample: RequestSample) -> tuple[float, float] | None:
+    """An ok sample's (TTFT, end-to-end) seconds; None for a failed one."""
+    if not sample.ok:
+        return None
+    if sample.ttft_s is None or sample.e2e_s is None:  # StreamTimer.result times every ok sample
+        raise RuntimeError("an ok stream sample without its timings")
+    return sample.ttft_s, sample.e2e_s
 
 
 class CompletionUser(User):
@@ -294,23 +305,25 @@ class CompletionUser(User):
             sample.ok, sample.finish_reason = False, None
             sample.error = str(exc) or type(exc).__name__
             error = exc
-        elapsed_ms = (sample.e2e_s if sample.ok else time.perf_counter() - sent) * 1000
+        timings = _timings(sample)
+        elapsed_ms = (timings[1] if timings is not None else time.perf_counter() - sent) * 1000
         RUN.samples.append(sample)
         self.environment.events.request.fire(
             request_type="POST", name=name, response_time=elapsed_ms,
             response_length=timer.bytes_received, exception=error, context={"adapter": cfg.adapter},
             response=None, url=url, start_time=sent_wall,
         )
-        if not sample.ok:
+        if timings is None:
             gevent.sleep(FAILURE_BACKOFF_S)
             return
+        ttft_s, e2e_s = timings
         env = self.environment
-        log_metric(env, "ttft", sample.ttft_s * 1000)
+        log_metric(env, "ttft", ttft_s * 1000)
         for gap in sample.itl_s:
             log_metric(env, "itl", gap * 1000)
         tpot = sample.tpot_s
         if tpot is not None:
             log_metric(env, "tpot", tpot * 1000)
-        log_metric(env, "output tokens", (tpot if tpot is not None else sample.ttft_s) * 1000,
+        log_metric(env, "output tokens", (tpot if tpot is not None else ttft_s) * 1000,
                    count=sample.output_tokens)
-        log_metric(env, f"finish_reason={sample.finish_reason}", sample.e2e_s * 1000)
+        log_metric(env, f"finish_reason={sample.finish_reason}", e2e_s * 1000)

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from loragate.core.contracts import LoadSLO
 from loragate.core.judging import FinishClass, classify_finish
+from loragate.core.stats import percentile  # noqa: F401  (the load test's percentiles)
 
 #: ``finish_reason`` classes a load run counts, the proxy's label values (one definition:
 #: :func:`loragate.core.judging.classify_finish`). ``length`` under load means the request's
@@ -177,20 +178,6 @@ class StreamTimer:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks
-    (numpy's default ``linear`` method). ``None`` for no values."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0..100, got {q}")
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import httpx
+
+from loragate.core import metric_names
+from loragate.core.contracts import Contract, LoadSLO
 from loragate.loadtest.measure import (
     FINISH_LENGTH,
     FINISH_OTHER,
@@ -41,9 +44,6 @@ from loragate.loadtest.measure import (
     summarize,
 )
 from loragate.loadtest.prompts import LoadTestError, base_url, write_prompts
-
-from loragate.core import metric_names
-from loragate.core.contracts import Contract, LoadSLO
 
 #: The locustfile the runner starts (also what an operator passes to ``locust -f``).
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -250,7 +250,7 @@ def run_load(endpoint: str, adapter: str, contract: Contract, prompts: Sequence[
     before = read_counters(metrics_url, adapter) if metrics_url else None
 
     keep = report_dir is not None
-    work = Path(report_dir) if keep else Path(tempfile.mkdtemp(prefix="loragate-load-"))
+    work = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="loragate-load-"))
     try:
         work.mkdir(parents=True, exist_ok=True)
         files = {

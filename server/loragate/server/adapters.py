@@ -15,10 +15,10 @@ import logging
 import time
 from typing import Iterable
 
+from loragate.core.contracts import Contract, ContractSet
+from loragate.core.engine import parse_models
 from loragate.server.metrics import OTHER_ADAPTER
 from loragate.server.upstream import Upstream, UpstreamError
-
-from loragate.core.contracts import Contract, ContractSet
 
 log = logging.getLogger("loragate.proxy")
 
@@ -77,6 +77,8 @@ class AdapterNames:
         self._last_refresh = time.monotonic()
         try:
             document = await self._upstream.get_json("/v1/models", timeout_s=5.0)
+            if not isinstance(document, dict):
+                raise AttributeError("not a model list")
             models = document.get("data") or []
         except (UpstreamError, AttributeError) as exc:
             log.debug("model list refresh failed: %s", exc)
@@ -85,21 +87,14 @@ class AdapterNames:
         return True
 
     def _take(self, models: Iterable[dict]) -> None:
-        names = set()
-        parents: dict[str, str] = {}
-        for m in models:
-            if isinstance(m, dict) and isinstance(m.get("id"), str):
-                names.add(m["id"])
-                if isinstance(m.get("max_model_len"), int):
-                    self.max_model_len[m["id"]] = m["max_model_len"]
-                elif isinstance(m.get("parent"), str):
-                    parents[m["id"]] = m["parent"]
-        # vLLM lists a LoRA adapter with max_model_len null and its base as parent: the
-        # adapter is served within its base model's context.
-        for name, parent in parents.items():
-            if parent in self.max_model_len:
-                self.max_model_len[name] = self.max_model_len[parent]
-        self._engine = set(sorted(names)[:MAX_ENGINE_NAMES])
+        # the one reading of /v1/models (loragate.core.engine), adapters' inherited context included
+        served = parse_models(self._upstream.base_url, models if isinstance(models, list) else [],
+                              skip_malformed=True)
+        for m in served.models:
+            limit = served.max_model_len(m.id)
+            if limit:
+                self.max_model_len[m.id] = limit
+        self._engine = set(sorted(m.id for m in served.models)[:MAX_ENGINE_NAMES])
 
     async def run_periodic(self) -> None:
         while True:

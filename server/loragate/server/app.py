@@ -53,6 +53,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loragate.core import fastjson
+from loragate.core.contracts import (
+    ContractError,
+    ContractSet,
+    load_contracts,
+    resolve_under,
+)
+from loragate.core.judging import Judgement, judge_completion
+from loragate.core.sse import StreamTally
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.metrics import ProxyMetrics
@@ -68,17 +79,6 @@ from loragate.server.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from loragate.core import fastjson
-from loragate.core.contracts import (
-    ContractError,
-    ContractSet,
-    load_contracts,
-    resolve_under,
-)
-from loragate.core.judging import Judgement, judge_completion
-from loragate.core.sse import StreamTally
 
 log = logging.getLogger("loragate.proxy")
 access_log = logging.getLogger("loragate.proxy.requests")
@@ -229,6 +229,20 @@ class ProxyApp:
         #: Engine routes (``"METHOD path"``) the proxy refuses for want of a classification.
         self.unclassified_routes: list[str] | None = None
 
+    def _upstream_client(self) -> Upstream:
+        """The engine client, which :meth:`startup` makes before the app serves anything."""
+        upstream = self.upstream
+        if upstream is None:
+            raise RuntimeError("the proxy has not started: startup() makes its upstream client")
+        return upstream
+
+    def _adapter_names(self) -> AdapterNames:
+        """The adapter names, which :meth:`startup` makes before the app serves anything."""
+        names = self.names
+        if names is None:
+            raise RuntimeError("the proxy has not started: startup() makes its adapter names")
+        return names
+
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -248,7 +262,8 @@ class ProxyApp:
         the proxy refuses for want of a classification (:func:`loragate.server.routes.unclassified`)."""
         for _ in range(60):
             try:
-                document = await self.upstream.get_json("/openapi.json", timeout_s=10.0)
+                # JSON of any shape: a wrong one raises KeyError/TypeError/AttributeError, caught below
+                document: Any = await self._upstream_client().get_json("/openapi.json", timeout_s=10.0)
                 paths = document["paths"]
                 pairs = [(path, method) for path, ops in paths.items() for method in ops]
             except (UpstreamConnectError, UpstreamTimeout, UpstreamReset):
@@ -361,7 +376,7 @@ class ProxyApp:
         return ok
 
     async def _ready(self, send: Send) -> None:
-        ok = await self.upstream.healthy(timeout_s=2.0)
+        ok = await self._upstream_client().healthy(timeout_s=2.0)
         await self._respond(send, 200 if ok else 503,
                             b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
 
@@ -492,7 +507,7 @@ class ProxyApp:
         return json.dumps(request).encode()
 
     async def _send_upstream(self, scope: Scope, target: RequestTarget, body: bytes) -> UpstreamResponse:
-        return await self.upstream.send(scope["method"], target.raw, scope["headers"], body)
+        return await self._upstream_client().send(scope["method"], target.raw, scope["headers"], body)
 
     async def _forward_plain(self, scope: Scope, receive: Receive, send: Send, target: RequestTarget,
                              endpoint: str, body: bytes, generating: bool = False) -> None:
@@ -502,7 +517,7 @@ class ProxyApp:
                 request = fastjson.loads(body)
             except (ValueError, RecursionError):
                 request = None
-            adapter = self.names.label(request.get("model") if isinstance(request, dict) else None)
+            adapter = self._adapter_names().label(request.get("model") if isinstance(request, dict) else None)
         link = _ClientLink(scope, receive)
         try:
             try:
@@ -517,11 +532,11 @@ class ProxyApp:
                 link.disarm()
                 await send({"type": "http.response.body", "body": b""})
             except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(adapter or self.names.label(None), exc.kind).inc()
+                self.metrics.upstream_errors.labels(adapter or self._adapter_names().label(None), exc.kind).inc()
             finally:
                 resp.close()
             if not link.connected:
-                self.metrics.client_disconnects.labels(adapter or self.names.label(None)).inc()
+                self.metrics.client_disconnects.labels(adapter or self._adapter_names().label(None)).inc()
                 self.metrics.requests.labels(endpoint, "4xx").inc()
                 return
             self.metrics.requests.labels(endpoint, f"{resp.status // 100}xx").inc()
@@ -530,14 +545,14 @@ class ProxyApp:
         except asyncio.CancelledError:
             if not link.took_cancellation():
                 raise
-            self.metrics.client_disconnects.labels(adapter or self.names.label(None)).inc()
+            self.metrics.client_disconnects.labels(adapter or self._adapter_names().label(None)).inc()
             self.metrics.requests.labels(endpoint, "4xx").inc()
         finally:
             link.close()
 
     async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: UpstreamError) -> None:
         kind = exc.kind
-        self.metrics.upstream_errors.labels(adapter or self.names.label(None), kind).inc()
+        self.metrics.upstream_errors.labels(adapter or self._adapter_names().label(None), kind).inc()
         self.metrics.requests.labels(endpoint, "5xx").inc()
         status = 504 if kind == "timeout" else 502
         log.warning("upstream %s error on %s: %s", kind, endpoint, exc)
@@ -578,7 +593,7 @@ class ProxyApp:
             await self._refuse(send, 400, "invalid_field", "'stream_options.include_usage' must be a JSON boolean",
                                endpoint)
             return
-        ex.adapter = self.names.label(request.get("model"))
+        ex.adapter = self._adapter_names().label(request.get("model"))
         ex.stream = stream is True
         fmt = request.get("response_format")
         ex.json_constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
@@ -646,7 +661,7 @@ class ProxyApp:
             if ex.endpoint == "other" and isinstance(answer, dict) and "choices" not in answer:
                 return  # an /invocations request the engine served as pooling: nothing generated
             choices = answer["choices"]
-            ex.adapter = self.names.label(answer.get("model"))
+            ex.adapter = self._adapter_names().label(answer.get("model"))
             usage = answer.get("usage") or {}
             # judged by what the engine answered: a completion's choice has text, a chat one a message
             outputs = [((c["text"] if "text" in c else (c.get("message") or {}).get("content")) or "",
@@ -668,7 +683,7 @@ class ProxyApp:
             nonlocal model_seen
             out = tally.feed(chunk)
             if tally.model is not None and not model_seen:
-                ex.adapter = self.names.label(tally.model)
+                ex.adapter = self._adapter_names().label(tally.model)
                 model_seen = True
             if tally.has_output and ex.ttft_s is None:
                 ex.ttft_s = time.perf_counter() - ex.started
@@ -740,7 +755,7 @@ class ProxyApp:
 
     def _count(self, ex: _Exchange, outputs: list[tuple[str, str | None]], usage: dict) -> None:
         """Judge every choice, then update every counter in one synchronous step."""
-        contract = self.names.contract(ex.adapter)
+        contract = self._adapter_names().contract(ex.adapter)
         expects_json = bool(contract and contract.expects_json) or ex.json_constrained
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
@@ -749,7 +764,7 @@ class ProxyApp:
             judge_completion(text, reason, expects_json=expects_json,
                              json_schema=contract.json_schema if contract else None,
                              prompt_tokens=prompt_tokens, completion_tokens=per_choice,
-                             max_model_len=self.names.context_limit(ex.adapter))
+                             max_model_len=self._adapter_names().context_limit(ex.adapter))
             for text, reason in outputs
         ]
         m = self.metrics

@@ -75,6 +75,7 @@ def _raise_open_files_limit(max_connections: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
     from loragate.server.app import ProxyApp
     from loragate.server.serving import UVICORN_SETTINGS, protocol_class
 

@@ -135,7 +135,10 @@ class BodyWriter:
     def write(self, data: bytes) -> None:
         """Send ``data`` (not empty) as one chunk of the answer, framed as uvicorn frames it;
         only when :meth:`ready`."""
-        self._cycle().transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        cycle = self._cycle()
+        if cycle is None:  # ready() is False once the cycle is gone
+            raise RuntimeError("BodyWriter.write after the request's cycle ended; check ready() first")
+        cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     @property
     def connected(self) -> bool:
@@ -231,9 +234,9 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for a request head; False if none does."""
-        oldest = None
+        oldest: CorkedHttpToolsProtocol | None = None
         for conn in self.connections:
-            if conn is not self and getattr(conn, "_awaiting_head", False) and (
+            if conn is not self and isinstance(conn, CorkedHttpToolsProtocol) and conn._awaiting_head and (
                     oldest is None or conn._head_since < oldest._head_since):
                 oldest = conn
         if oldest is None:
@@ -345,8 +348,10 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request cycle began (not an upgrade)
-            self.scope["extensions"] = {**self.scope.get("extensions", {}), BODY_WRITER: BodyWriter(cycle, self),
-                                        RAW_TARGET: url}
+            # loragate's own extensions hold objects for the app, not the dicts uvicorn's ASGI types expect
+            extensions: dict[str, Any] = {**self.scope.get("extensions", {}), BODY_WRITER: BodyWriter(cycle, self),
+                                          RAW_TARGET: url}
+            self.scope["extensions"] = extensions
 
     def on_response_complete(self) -> None:
         self.lost_callbacks.clear()

@@ -119,6 +119,21 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
 
+    def _live_transport(self) -> asyncio.Transport:
+        """The transport; ``create_connection`` runs ``connection_made`` before it hands the connection out."""
+        transport = self.transport
+        if transport is None:
+            raise RuntimeError("the engine connection was used before it was made")
+        return transport
+
+    def _live_parser(self) -> httptools.HttpResponseParser:
+        """The parser of the answer being read; set by :meth:`start`, and the parser's callbacks come
+        only while it is fed."""
+        parser = self._parser
+        if parser is None:
+            raise RuntimeError("an answer callback with no request outstanding")
+        return parser
+
     # -------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -155,7 +170,7 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        status = self._live_parser().get_status_code()
         if self._head is not None and not self._head.done():
             self._head.set_result(status)
         if self._head_only:  # an answer to HEAD has no body, whatever its Content-Length says
@@ -173,11 +188,11 @@ class _Connection(asyncio.Protocol):
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
-            self.transport.pause_reading()
+            self._live_transport().pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
-        self._finish(keep_alive=self._parser.should_keep_alive())
+        self._finish(keep_alive=self._live_parser().should_keep_alive())
 
     # -------------------------------------------------------------- the exchange
     def start(self, request: bytes, head_only: bool, timeout_s: float) -> asyncio.Future:
@@ -194,7 +209,7 @@ class _Connection(asyncio.Protocol):
         self._timeout_s = timeout_s
         self._last_data = self.loop.time()
         self._timer = self.loop.call_at(self._last_data + timeout_s, self._check_timeout)
-        self.transport.write(request)
+        self._live_transport().write(request)
         return self._head
 
     @property
@@ -263,7 +278,7 @@ class _Connection(asyncio.Protocol):
                     self._paused = False
                     self._last_data = self.loop.time()  # the wait for the engine starts again
                     if not self.closed:
-                        self.transport.resume_reading()
+                        self._live_transport().resume_reading()
                 return chunk
             if self._error is not None:
                 raise self._error

@@ -3,7 +3,7 @@
 ``loragate gate`` runs it as a child process with a plan it wrote (``--lg-plan``); it also
 runs by hand::
 
-    pytest acceptance/suite --endpoint http://127.0.0.1:8000 --adapter poster-good \\
+    pytest acceptance/loragate/acceptance/suite --endpoint http://127.0.0.1:8000 --adapter poster-good \\
         --contracts adapters.yaml --prompts heldout.jsonl
 
 One test per planned check, parametrised by adapter and check id (``poster-good/greedy.stop_rate``).

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
 from loragate.acceptance.checks import Sample, group_samples
 from loragate.acceptance.plan import AdapterPlan, CheckSpec, SuitePlan
 from loragate.acceptance.results import CheckResult
-
 from loragate.core.engine import API_KEY_ENV
 
 _PLAN_KEY = pytest.StashKey[SuitePlan]()
@@ -109,7 +109,6 @@ def suite_plan(pytestconfig: pytest.Config) -> SuitePlan:
 def samples(suite_plan: SuitePlan, pytestconfig: pytest.Config) -> dict[str, dict[str, list[Sample]]]:
     """Every planned request, sent once for the whole session, judged: ``{adapter: {run: [Sample]}}``."""
     from loragate.acceptance.runner import run_plan
-
     from loragate.core.contracts import load_contracts
 
     schemas = {}
