@@ -155,13 +155,15 @@ def test_locustfile_headless_without_adapter_exits_2(stack, tmp_path) -> None:
 
 
 def test_web_ui_mode_for_an_operator(stack) -> None:
-    """``locust -f loadtest/locustfile.py`` from the repository root: the web UI answers, a
+    """``locust -f loadtest/loragate/loadtest/locustfile.py`` from the repository root, given the
+    adapter's contracts and prompts: the web UI answers, a
     swarm started from it streams completions, and /loragate shows the project's summary."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LORAGATE_LOAD_"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", "loadtest/loragate/loadtest/locustfile.py", "--host", stack.proxy_url,
-         "--adapter", ADAPTER, "--web-host", "127.0.0.1", "--web-port", str(port)],
+         "--adapter", ADAPTER, "--contracts", str(stack.contracts_file), "--prompts-file", str(stack.heldout_prompts),
+         "--web-host", "127.0.0.1", "--web-port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ui = f"http://127.0.0.1:{port}"
     try:
