@@ -111,6 +111,12 @@ def wait_for(check, timeout_s: float = 20.0, every_s: float = 0.1):
         time.sleep(every_s)
 
 
+def heldout_inputs(stack: st.StackInfo, n: int, offset: int = 0) -> list[str]:
+    """``n`` of the demo's held-out inputs (the raw papers), from ``offset`` on."""
+    lines = Path(stack.heldout_prompts).read_text().splitlines()
+    return [json.loads(line)["input"] for line in lines[offset:offset + n]]
+
+
 def heldout(stack: st.StackInfo, n: int, offset: int = 0) -> list[str]:
     """``n`` of the demo's held-out prompts, from ``offset`` on."""
     lines = Path(stack.heldout_prompts).read_text().splitlines()

@@ -69,3 +69,28 @@ def test_unknown_adapter_lists_known_ones(tmp_path):
     cs = load_contracts(write(tmp_path, GOOD))
     with pytest.raises(ContractError, match="known adapters: a, b"):
         cs["zzz"]
+
+
+def test_a_chat_contract_renders_its_conversation_and_completion_contracts_are_unchanged(tmp_path):
+    cs = load_contracts(write(tmp_path, {"base_model": "base", "adapters": {
+        "chat": {"api": "chat", "system_prompt": "Be brief.", "user_template": "Ticket: {input}", "output": "json"},
+        "bare": {"api": "chat"},
+        "plain": {"prompt_template": "Q: {input}\nA:"}}}))
+    assert cs["chat"].is_chat and cs["chat"].render_messages("x") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ticket: x"}]
+    assert cs["bare"].render_messages("x") == [{"role": "user", "content": "x"}]
+    assert not cs["plain"].is_chat and cs["plain"].api == "completions" and cs["plain"].render_prompt("x") == "Q: x\nA:"
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ({"api": "messages"}, "adapters.a.api: expected 'completions' or 'chat'"),
+    ({"system_prompt": "s"}, "adapters.a.system_prompt: only allowed with api: chat"),
+    ({"user_template": "{input}"}, "adapters.a.user_template: only allowed with api: chat"),
+    ({"api": "chat", "prompt_template": "Q: {input}"}, "adapters.a.prompt_template: only for api: completions"),
+    ({"api": "chat", "user_template": "no placeholder"}, "adapters.a.user_template: must be a string containing"),
+    ({"api": "chat", "system_prompt": 3}, "adapters.a.system_prompt: expected a string"),
+])
+def test_bad_chat_fields_name_the_field(tmp_path, adapter, message):
+    with pytest.raises(ContractError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_contracts(write(tmp_path, {"base_model": "base", "adapters": {"a": adapter}}))
+

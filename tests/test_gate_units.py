@@ -274,3 +274,60 @@ def test_suite_plan_round_trips(tmp_path: Path) -> None:
     plan = SuitePlan("http://x", (_plan({"greedy": 2}, [spec]),), concurrency=3)
     again = SuitePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan and again.check_ids == ["poster/greedy.stop_rate"]
+
+
+# --------------------------------------------------------------------------- chat adapters
+
+
+def test_chat_prompts_become_conversations_sent_to_chat_completions(tmp_path: Path) -> None:
+    c = contract(tmp_path, api="chat", prompt_template="{input}", system_prompt="Answer in JSON.",
+                 user_template="Paper:\n{input}")
+    f = tmp_path / "p.jsonl"
+    convo = [{"role": "system", "content": "S"}, {"role": "user", "content": "Title: Z"}]
+    f.write_text(json.dumps({"input": "Title: X"}) + "\n" + json.dumps({"messages": convo}) + "\n")
+    records = read_prompts(f, c)
+    assert json.loads(records[0].prompt) == [{"role": "system", "content": "Answer in JSON."},
+                                            {"role": "user", "content": "Paper:\nTitle: X"}]
+    assert records[0].input == "Title: X"
+    assert json.loads(records[1].prompt) == convo and records[1].input == "Title: Z"
+    run = RunSpec("greedy", "greedy", "chat", 0.0, 160, (RequestSpec(0, records[0].prompt),))
+    body = request_body(run, run.requests[0], "chat")
+    assert body == {"model": "chat", "messages": json.loads(records[0].prompt), "max_tokens": 160, "temperature": 0.0}
+    assert "prompt" not in body and not FORBIDDEN_FIELDS & body.keys()
+    from loragate.acceptance.runner import request_path
+
+    plan = AdapterPlan("chat", "f", True, 4096, 160, Thresholds(), Baseline("none"), (run,), (), api="chat")
+    assert request_path(plan) == "/v1/chat/completions"
+    assert AdapterPlan.from_dict(plan.to_dict()).api == "chat"  # the suite child gets it through plan.json
+    for bad in ({"prompt": "rendered"}, {"messages": []}, {"messages": [{"role": "assistant", "content": "x"}]}):
+        f.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(PromptsError, match="p.jsonl:1"):
+            read_prompts(f, c)
+
+
+def test_the_demo_lengthener_lengthens_a_chat_adapters_user_turn(tmp_path: Path) -> None:
+    c = contract(tmp_path, api="chat", prompt_template="{input}")
+    records = [PromptRecord(json.dumps(c.render_messages(p.text)), p.text, None) for p in papers(6)]
+    probes = DemoPaperLengthener(c, records, count_chars).build(400, 4, seed=3)
+    assert len(probes) == 4
+    for probe in probes:
+        messages = json.loads(probe.prompt)
+        assert [m["role"] for m in messages] == ["user"] and is_demo_paper(messages[0]["content"])
+        assert probe.tokens == count_chars(probe.prompt) <= 400
+
+
+def test_a_chat_template_the_engine_does_not_serve_is_reported(tmp_path: Path) -> None:
+    from loragate.acceptance.static import check_chat_template
+
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    adapter.mkdir()
+    base.mkdir()
+    c = contract(adapter, api="chat", prompt_template="{input}")
+    assert check_chat_template(c, base).passed  # the adapter ships none: the engine's is used
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ m }} [/INST]"}))
+    assert not check_chat_template(c, base).passed  # the engine serves none to compare
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|user|>{{ m }}<|assistant|>"}))
+    differs = check_chat_template(c, base)
+    assert not differs.passed and not differs.gating and "differs" in differs.summary
+    (base / "chat_template.jinja").write_text("[INST] {{ m }} [/INST]\n")
+    assert check_chat_template(c, base).passed

@@ -166,3 +166,31 @@ def test_prompts_rendered_with_the_contract(tmp_path: Path) -> None:
             load_prompts(f, contract)
     with pytest.raises(LoadTestError, match="not found"):
         load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_chat_prompts_and_bodies(tmp_path: Path) -> None:
+    from loragate.loadtest.prompts import CHAT_COMPLETIONS_PATH, request_path, write_prompts
+
+    c = Contract(name="c", path=tmp_path, base_model="b", api="chat", system_prompt="S", user_template="U {input}")
+    f = tmp_path / "p.jsonl"
+    convo = [{"role": "user", "content": "hi"}]
+    f.write_text(json.dumps({"input": "x"}) + "\n" + json.dumps({"messages": convo}) + "\n")
+    prompts = load_prompts(f, c)
+    assert [json.loads(p) for p in prompts] == [c.render_messages("x"), convo]
+    body = completion_body("c", prompts[1], 16, 0.0, "chat")
+    assert body["messages"] == convo and "prompt" not in body and body["stream"] is True
+    assert request_path("chat") == CHAT_COMPLETIONS_PATH and request_path("completions") == "/v1/completions"
+    out = write_prompts(prompts, tmp_path / "w.jsonl", "chat")  # what the runner hands locust
+    assert load_prompts(out, None, "chat") == prompts
+    f.write_text(json.dumps({"prompt": "rendered"}) + "\n")
+    with pytest.raises(LoadTestError, match="chat adapter"):
+        load_prompts(f, c)
+
+
+def test_stream_timer_counts_chat_deltas() -> None:
+    timer = StreamTimer(0.0, 0.0)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "{"}, "finish_reason": None}]}
+    last = {"choices": [{"index": 0, "delta": {"content": "}"}, "finish_reason": "stop"}]}
+    timer.feed(f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode(), 0.5)
+    sample = timer.result(200)
+    assert sample.ok and sample.finish_reason == "stop" and timer.text_chunks == 2

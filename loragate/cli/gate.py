@@ -70,12 +70,23 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
 
 
 def _configure_check_data(p: argparse.ArgumentParser) -> None:
+    from loragate.acceptance.data_check import FORMATS
+
     p.add_argument("--data", type=Path, required=True, help="training examples, JSONL")
     p.add_argument("--tokenizer", type=Path, required=True, help="folder of the (base model's) tokenizer")
     p.add_argument("--max-seq-length", type=int, required=True, help="the trainer's max_seq_length")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--completion-field", default="completion")
-    p.add_argument("--no-eos", action="store_true", help="the targets carry no EOS token")
+    p.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                   help="the data's format: prompt-completion (strings), messages (conversational), "
+                        "chat-prompt-completion (prompt and completion lists of messages), alpaca "
+                        "(instruction/input/output); default: detected from the first line")
+    p.add_argument("--prompt-field", default="prompt", help="prompt key of the prompt/completion formats")
+    p.add_argument("--completion-field", default="completion",
+                   help="completion key of the prompt/completion formats")
+    p.add_argument("--no-eos", action="store_true",
+                   help="the targets carry no EOS token (string formats; a chat template writes its own)")
+    p.add_argument("--packing", action="store_true",
+                   help="also count what packing does: examples concatenated, each followed by EOS, cut into "
+                        "windows of max_seq_length")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -90,7 +101,8 @@ def _check_data(args: argparse.Namespace) -> int:
     from loragate.acceptance.data_check import check_data
 
     result = check_data(args.data, args.tokenizer, args.max_seq_length, prompt_field=args.prompt_field,
-                        completion_field=args.completion_field, add_eos=not args.no_eos)
+                        completion_field=args.completion_field, add_eos=not args.no_eos,
+                        format=args.format, packing=args.packing)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1
 

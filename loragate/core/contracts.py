@@ -17,6 +17,11 @@ An adapters file (``adapters.yaml``) sits beside the adapters' weights::
         max_input_tokens: 1024          # longest prompt it must handle (default: the served context)
         prompt_template: "### Paper:\\n{input}\\n### Layout:\\n"
         thresholds: {json_validity: 0.95}
+      support-chat:
+        api: chat                       # completions (default) | chat: /v1/chat/completions
+        system_prompt: "Answer as JSON." # optional, chat only: the first turn of every conversation
+        user_template: "Ticket:\\n{input}"  # optional, chat only: how an input becomes the user turn
+        output: json
 
 This module is the one place that defines the contract's fields, their defaults and the
 gate's default thresholds; everything else imports them from here.
@@ -35,6 +40,8 @@ import yaml
 from loragate.core.errors import ContractError
 
 OutputKind = Literal["json", "text"]
+#: Which OpenAI API an adapter is served and gated through.
+ApiKind = Literal["completions", "chat"]
 
 #: Placeholder in ``prompt_template`` that the input text replaces.
 PROMPT_INPUT_FIELD = "{input}"
@@ -110,14 +117,31 @@ class Contract:
     prompt_template: str = PROMPT_INPUT_FIELD
     thresholds: Thresholds = field(default_factory=Thresholds)
     slo: LoadSLO = field(default_factory=LoadSLO)
+    #: ``completions``: ``/v1/completions`` with ``prompt_template``; ``chat``:
+    #: ``/v1/chat/completions`` with the engine's chat template, ``system_prompt`` and ``user_template``.
+    api: ApiKind = "completions"
+    #: Chat only: the system turn that starts every conversation (None: no system turn).
+    system_prompt: str | None = None
+    #: Chat only: the user turn around an input (``{input}`` replaced).
+    user_template: str = PROMPT_INPUT_FIELD
 
     @property
     def expects_json(self) -> bool:
         return self.output == "json"
 
+    @property
+    def is_chat(self) -> bool:
+        return self.api == "chat"
+
     def render_prompt(self, text: str) -> str:
-        """The prompt exactly as the adapter saw it in training, around ``text``."""
+        """The prompt exactly as the adapter saw it in training, around ``text`` (completions)."""
         return self.prompt_template.replace(PROMPT_INPUT_FIELD, text)
+
+    def render_messages(self, text: str) -> list[dict[str, str]]:
+        """The conversation the adapter answers, around ``text`` (chat): the system turn, if any,
+        then one user turn."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return [*messages, {"role": "user", "content": self.user_template.replace(PROMPT_INPUT_FIELD, text)}]
 
 
 @dataclass(frozen=True)
@@ -182,8 +206,9 @@ def resolve_under(root: Path, relative: str | os.PathLike[str], what: str) -> Pa
 
 _CONTRACT_KEYS = {
     "path", "base_model", "output", "json_schema", "max_tokens", "train_seq_len",
-    "max_input_tokens", "prompt_template", "thresholds", "slo",
+    "max_input_tokens", "prompt_template", "thresholds", "slo", "api", "system_prompt", "user_template",
 }
+_CHAT_ONLY_KEYS = ("system_prompt", "user_template")
 
 
 def _optional_positive_int(raw: Mapping[str, Any], key: str, where: str) -> int | None:
@@ -222,9 +247,24 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
         raise ContractError(f"{where}.max_tokens: expected a positive integer, got {max_tokens!r}")
     train_seq_len = _optional_positive_int(raw, "train_seq_len", where)
     max_input_tokens = _optional_positive_int(raw, "max_input_tokens", where)
+    api = raw.get("api", "completions")
+    if api not in ("completions", "chat"):
+        raise ContractError(f"{where}.api: expected 'completions' or 'chat', got {api!r}")
     template = raw.get("prompt_template", PROMPT_INPUT_FIELD)
     if not isinstance(template, str) or PROMPT_INPUT_FIELD not in template:
         raise ContractError(f"{where}.prompt_template: must be a string containing {PROMPT_INPUT_FIELD}")
+    if api == "chat" and "prompt_template" in raw:
+        raise ContractError(f"{where}.prompt_template: only for api: completions (a chat adapter's prompt is "
+                            "the engine's chat template; shape the user turn with user_template)")
+    for key in _CHAT_ONLY_KEYS:
+        if key in raw and api != "chat":
+            raise ContractError(f"{where}.{key}: only allowed with api: chat")
+    system_prompt = raw.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ContractError(f"{where}.system_prompt: expected a string, got {type(system_prompt).__name__}")
+    user_template = raw.get("user_template", PROMPT_INPUT_FIELD)
+    if not isinstance(user_template, str) or PROMPT_INPUT_FIELD not in user_template:
+        raise ContractError(f"{where}.user_template: must be a string containing {PROMPT_INPUT_FIELD}")
     path = raw.get("path", name)
     if not isinstance(path, str) or not path:
         raise ContractError(f"{where}.path: expected a non-empty string")
@@ -238,6 +278,9 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
         train_seq_len=train_seq_len,
         max_input_tokens=max_input_tokens,
         prompt_template=template,
+        api=api,
+        system_prompt=system_prompt,
+        user_template=user_template,
         thresholds=_merge_dataclass(Thresholds, thresholds, raw.get("thresholds"), f"{where}.thresholds"),
         slo=_merge_dataclass(LoadSLO, slo, raw.get("slo"), f"{where}.slo"),
     )

@@ -137,11 +137,19 @@ def _served_model(entry: Any) -> ServedModel:
                        max_model_len=int(max_len) if max_len else None)
 
 
-def tokenize_count(client: httpx.Client, endpoint: str, model: str, prompt: str) -> int:
-    """Tokens of ``prompt`` for ``model`` as the engine counts them (BOS included)."""
+def tokenize_count(client: httpx.Client, endpoint: str, model: str, prompt: str | None = None, *,
+                   messages: list[dict[str, Any]] | None = None) -> int:
+    """Tokens of ``prompt`` for ``model`` as the engine counts them (BOS included); or of the
+    conversation ``messages`` with the engine's chat template applied and the assistant turn
+    opened (what ``/v1/chat/completions`` sends the model)."""
     url = f"{endpoint}/tokenize"
+    body: dict[str, Any] = {"model": model}
+    if messages is not None:
+        body.update(messages=messages, add_generation_prompt=True)
+    else:
+        body["prompt"] = prompt
     try:
-        resp = client.post(url, json={"model": model, "prompt": prompt}, timeout=METADATA_TIMEOUT_S)
+        resp = client.post(url, json=body, timeout=METADATA_TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise EndpointError(f"POST {url} failed ({_describe(exc)})") from None
     if resp.status_code != 200:

@@ -213,7 +213,7 @@ def plan_adapter(contract: Contract, contract_set: ContractSet, engine_models: e
                  prompts: Path, long_prompts: Path | None, api_key: str | None, temperature: float, seed: int,
                  baseline: Baseline, lengthener: Any = None) -> AdapterPlan:
     """Read the prompts, size the probes with the engine's tokenizer, and plan every run."""
-    from loragate.acceptance.prompts import choose_lengthener, read_prompts
+    from loragate.acceptance.prompts import chat_messages, choose_lengthener, read_prompts
 
     heldout = read_prompts(prompts, contract)
     longs = read_prompts(long_prompts, contract) if long_prompts else None
@@ -225,7 +225,10 @@ def plan_adapter(contract: Contract, contract_set: ContractSet, engine_models: e
 
     def count(prompt: str) -> int:
         if prompt not in cache:
-            cache[prompt] = eng.tokenize_count(client, endpoint, contract.name, prompt)
+            if contract.is_chat:  # the conversation with the engine's chat template applied
+                cache[prompt] = eng.tokenize_count(client, endpoint, contract.name, messages=chat_messages(prompt))
+            else:
+                cache[prompt] = eng.tokenize_count(client, endpoint, contract.name, prompt)
         return cache[prompt]
 
     try:

@@ -1,7 +1,8 @@
 """What the acceptance suite sends and checks for one adapter: runs, requests and checks.
 
-Runs of one adapter (every request uses the contract's prompt template and ``max_tokens``,
-never ``ignore_eos`` nor ``min_tokens``):
+Runs of one adapter (every request uses the contract's prompt template, or for a chat
+adapter its conversation through ``/v1/chat/completions``, and ``max_tokens``, never
+``ignore_eos`` nor ``min_tokens``):
 
 - ``greedy``: held-out prompts at temperature 0.
 - ``sampled``: the next held-out prompts at :data:`SAMPLED_TEMPERATURE`, one fixed seed a
@@ -138,6 +139,9 @@ class AdapterPlan:
     probe_source: str = ""
     max_input_tokens: int | None = None
     train_seq_len: int | None = None
+    #: ``completions`` or ``chat``: the API every request goes through (a chat request's prompt
+    #: is its conversation as a JSON array, :func:`loragate.acceptance.prompts.render`).
+    api: str = "completions"
 
     def run(self, run_id: str) -> RunSpec:
         for run in self.runs:
@@ -166,6 +170,7 @@ class AdapterPlan:
             thresholds=Thresholds(**data["thresholds"]), baseline=Baseline(**data["baseline"]),
             runs=runs, checks=checks, probe_source=data.get("probe_source", ""),
             max_input_tokens=data.get("max_input_tokens"), train_seq_len=data.get("train_seq_len"),
+            api=data.get("api", "completions"),
         )
 
 
@@ -346,5 +351,5 @@ def build_adapter_plan(contract: Contract, *, contracts_file: str, max_model_len
         adapter=contract.name, contracts_file=contracts_file, expects_json=contract.expects_json,
         max_model_len=max_model_len, max_tokens=contract.max_tokens, thresholds=contract.thresholds,
         baseline=baseline, runs=tuple(runs), checks=tuple(checks), probe_source=probe_source,
-        max_input_tokens=contract.max_input_tokens, train_seq_len=contract.train_seq_len,
+        max_input_tokens=contract.max_input_tokens, train_seq_len=contract.train_seq_len, api=contract.api,
     )

@@ -135,10 +135,14 @@ class PromotedEntry:
     max_tokens: int
     #: Greedy rates measured at promotion (``stop_rate``, ``json_validity``), for regression.
     measured: Mapping[str, float]
+    #: The API it is served through (its contract's ``api``); the smoke check speaks it.
+    api: str = "completions"
 
     def chart_values(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": self.name, "path": self.path, "output": self.output,
                                  "maxTokens": self.max_tokens}
+        if self.api != "completions":
+            entry["api"] = self.api
         if self.smoke_prompt:
             entry["smokePrompt"] = self.smoke_prompt
         return entry
@@ -221,7 +225,7 @@ def promote(contract: Contract, *, adapters_dir: Path, folder: Path, thresholds:
     entry = PromotedEntry(
         name=contract.name, path=rel, output=contract.output, sha256=digest, base_model=contract.base_model,
         record=record_path.name, promoted_at=now.isoformat(), prompt_template=contract.prompt_template,
-        smoke_prompt=smoke_prompt, max_tokens=contract.max_tokens,
+        smoke_prompt=smoke_prompt, max_tokens=contract.max_tokens, api=contract.api,
         measured={k: float(v) for k, v in measured.items() if isinstance(v, (int, float))},
     )
     with promoted_lock(folder):

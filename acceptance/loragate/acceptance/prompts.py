@@ -1,9 +1,14 @@
 """Held-out prompts and long-context probe prompts, in the adapter's own prompt template.
 
 A prompts file is JSONL, one example a line: ``{"input": "..."}`` (rendered through the
-contract's ``prompt_template``, exactly as in training) or ``{"prompt": "..."}`` already in
-the template (it must start and end as the template does). ``expected`` (optional) is the
-right answer, for a reported, never gating, exact-match share.
+contract's ``prompt_template``, exactly as in training; for a chat contract, into its
+``system_prompt`` and ``user_template`` turns) or ``{"prompt": "..."}`` already in the template
+(it must start and end as the template does), or, for a chat contract, ``{"messages": [...]}``
+(OpenAI chat format, the conversation up to the turn the adapter answers, taken as it is).
+``expected`` (optional) is the right answer, for a reported, never gating, exact-match share.
+
+A chat request's "prompt" in a plan is its conversation as a JSON array (:func:`render`,
+:func:`chat_messages`): one string identifies, counts and sends it like a completion prompt.
 
 Long-context probes need the same task at more input tokens:
 
@@ -18,6 +23,7 @@ Lengths are measured with the engine's own tokenizer (``/tokenize``), so a probe
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,29 @@ class PromptRecord:
     expected: Any = None
 
 
+def render(contract: Contract, text: str) -> str:
+    """A plan's prompt for ``text``: the rendered prompt (completions), or the conversation as a
+    JSON array (chat)."""
+    if contract.is_chat:
+        return json.dumps(contract.render_messages(text), ensure_ascii=False)
+    return contract.render_prompt(text)
+
+
+def chat_messages(prompt: str) -> list[dict[str, Any]]:
+    """The conversation a chat plan's prompt holds (see :func:`render`)."""
+    messages = json.loads(prompt)
+    if not isinstance(messages, list):
+        raise ValueError("a chat prompt is a JSON array of messages")
+    return messages
+
+
+def _last_user_text(messages: list[Any]) -> str | None:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return None
+
+
 def _template_parts(template: str) -> tuple[str, str]:
     before, _, after = template.partition(PROMPT_INPUT_FIELD)
     return before, after
@@ -55,7 +84,18 @@ def read_prompts(path: str | os.PathLike[str], contract: Contract) -> list[Promp
                                      expected="a JSON object with 'input' or 'prompt'"):
         text = data.get("input")
         if isinstance(text, str):
-            records.append(PromptRecord(contract.render_prompt(text), text, data.get("expected")))
+            records.append(PromptRecord(render(contract, text), text, data.get("expected")))
+            continue
+        if contract.is_chat:
+            messages = data.get("messages")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
+                raise PromptsError(f"{source}:{number}: {contract.name} is a chat adapter: each line needs a string "
+                                   "'input' or 'messages' (a list of {role, content} turns)")
+            if messages[-1].get("role") != "user":
+                raise PromptsError(f"{source}:{number}: 'messages' must end with the user turn the adapter answers")
+            records.append(PromptRecord(json.dumps(messages, ensure_ascii=False), _last_user_text(messages),
+                                        data.get("expected")))
             continue
         prompt = data.get("prompt")
         if not isinstance(prompt, str):

@@ -2,7 +2,8 @@
 
 Requests go to ``POST /v1/completions`` with exactly: ``model``, ``prompt`` (already in the
 adapter's template), ``max_tokens`` (the contract's), ``temperature`` and, for sampled runs,
-``seed``. Nothing else: never ``ignore_eos`` or ``min_tokens``, which would hide the very
+``seed``; a chat adapter's go to ``POST /v1/chat/completions`` with ``messages`` instead of
+``prompt``, and its answer is judged on ``message.content``. Nothing else: never ``ignore_eos`` or ``min_tokens``, which would hide the very
 failures the gate looks for. A request that fails is recorded as a failed sample; nothing is
 retried.
 """
@@ -19,20 +20,26 @@ import httpx
 
 from loragate.acceptance.checks import Sample, failed_sample, judge_sample
 from loragate.acceptance.plan import AdapterPlan, RequestSpec, RunSpec, SuitePlan
+from loragate.acceptance.prompts import chat_messages
 from loragate.core.engine import auth_headers
 
 #: Request fields the gate must never send (they would force or hide stopping).
 FORBIDDEN_FIELDS = frozenset({"ignore_eos", "min_tokens"})
 
 
-def request_body(run: RunSpec, request: RequestSpec) -> dict[str, Any]:
-    """The JSON body of one completion request."""
-    body: dict[str, Any] = {
-        "model": run.model,
-        "prompt": request.prompt,
-        "max_tokens": run.max_tokens,
-        "temperature": run.temperature,
-    }
+def request_path(plan: AdapterPlan) -> str:
+    """Where an adapter's requests go."""
+    return "/v1/chat/completions" if plan.api == "chat" else "/v1/completions"
+
+
+def request_body(run: RunSpec, request: RequestSpec, api: str = "completions") -> dict[str, Any]:
+    """The JSON body of one completion (or chat completion) request."""
+    body: dict[str, Any] = {"model": run.model}
+    if api == "chat":
+        body["messages"] = chat_messages(request.prompt)
+    else:
+        body["prompt"] = request.prompt
+    body.update(max_tokens=run.max_tokens, temperature=run.temperature)
     if request.seed is not None:
         body["seed"] = request.seed
     if FORBIDDEN_FIELDS & body.keys():  # pragma: no cover - a guard against a future edit
@@ -54,7 +61,7 @@ async def _one(client: httpx.AsyncClient, url: str, plan: AdapterPlan, run: RunS
     t0 = time.perf_counter()
     ident = _SampleIdent(adapter=plan.adapter, run=run.id, index=request.index, model=run.model)
     try:
-        resp = await client.post(url, json=request_body(run, request))
+        resp = await client.post(url + request_path(plan), json=request_body(run, request, plan.api))
     except httpx.HTTPError as exc:
         return failed_sample(**ident, error=f"{type(exc).__name__}: {exc}"[:300], latency_s=time.perf_counter() - t0)
     latency = time.perf_counter() - t0
@@ -64,9 +71,9 @@ async def _one(client: httpx.AsyncClient, url: str, plan: AdapterPlan, run: RunS
         data = resp.json()
         choice = data["choices"][0]
         usage = data.get("usage") or {}
-        text = choice.get("text")
+        text = (choice.get("message") or {}).get("content") if plan.api == "chat" else choice.get("text")
         if not isinstance(text, str):
-            raise TypeError("choice has no text")
+            raise TypeError("choice has no text" if plan.api != "chat" else "choice has no message content")
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         return failed_sample(**ident, error=f"unusable completion answer: {exc}", latency_s=latency)
     return judge_sample(
@@ -90,7 +97,7 @@ async def run_plan_async(plan: SuitePlan, schemas: Mapping[str, Mapping[str, Any
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in order:
         queue.put_nowait(i)
-    url = f"{plan.endpoint}/v1/completions"
+    url = plan.endpoint
     limits = httpx.Limits(max_connections=plan.concurrency, max_keepalive_connections=plan.concurrency)
     async with httpx.AsyncClient(timeout=plan.request_timeout_s, limits=limits, headers=auth_headers(api_key)) as client:
         async def worker() -> None:

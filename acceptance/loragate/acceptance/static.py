@@ -418,6 +418,45 @@ def check_training_length(contract: Contract, engine: EngineModels, meta: dict[s
                    summary="training length: " + "; ".join(parts), measured=measured)
 
 
+def _chat_template(folder: Path | None) -> str | None:
+    """The chat template a tokenizer folder ships (``tokenizer_config.json`` or
+    ``chat_template.jinja``), or None."""
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) else None
+
+
+def check_chat_template(contract: Contract, base_dir: Path | None) -> CheckResult:
+    """A chat adapter answers through the engine's chat template (the base model's). When the
+    adapter folder ships a tokenizer with another template, it was trained on prompts the
+    engine will never send it: a classic cause of an adapter that worked in training only.
+    Reported, not gating (the behavioural checks decide)."""
+    ours = _chat_template(Path(contract.path))
+    served = _chat_template(base_dir)
+    if ours is None:
+        return _result("chat_template", "chat template", True,
+                       "chat template: the adapter ships none; the engine's is used", gating=False)
+    if served is None:
+        return _result("chat_template", "chat template", False,
+                       "chat template: the adapter ships one, but the served base model has none to compare "
+                       "(the engine may format conversations differently than in training)", gating=False)
+    if ours.strip() != served.strip():
+        return _result("chat_template", "chat template", False,
+                       "chat template: the adapter's tokenizer ships a chat template that differs from the one "
+                       "the engine serves (the base model's): it was trained on conversations formatted "
+                       "differently from what it will be sent", gating=False)
+    return _result("chat_template", "chat template", True,
+                   "chat template: the adapter's is the one the engine serves", gating=False)
+
+
 def run_static_checks(inputs: StaticInputs, progress: Callable[[str], None] = lambda _: None) -> list[CheckResult]:
     """Every static check of the candidate, in order; none raises for a bad adapter."""
     contract = inputs.contract
@@ -444,6 +483,8 @@ def run_static_checks(inputs: StaticInputs, progress: Callable[[str], None] = la
         results.append(check_target_modules(peft_config, shapes, find_base_dir(inputs)))
     meta = read_training_metadata(adapter_dir)
     results.append(check_pad_eos(adapter_dir, meta))
+    if contract.is_chat:
+        results.append(check_chat_template(contract, find_base_dir(inputs)))
     results.append(check_training_length(contract, inputs.engine, meta))
     return results
 

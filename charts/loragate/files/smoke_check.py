@@ -6,13 +6,15 @@ tests/test_chart_local.py runs the same file against the chart's command lines r
 The configuration (rendered by the chart from ``adapters.promoted`` and ``smokeTest``)::
 
     {"base_url": "http://<release>:8000", "base_model": "...", "timeout_s": 300,
-     "adapters": [{"name": "...", "output": "json", "prompt": "...", "max_tokens": 256}]}
+     "adapters": [{"name": "...", "api": "completions", "output": "json", "prompt": "...", "max_tokens": 256}]}
 
 Checks, in order; any failure exits 1, naming the adapter and what it did:
 
 1. ``GET /v1/models`` lists the base model and every promoted adapter (each was loaded);
-2. per adapter, a greedy ``POST /v1/completions`` returns 200 and finishes with ``stop`` (the
-   adapter emitted EOS before ``max_tokens``); for ``output: json`` the text must parse.
+2. per adapter, a greedy ``POST /v1/completions`` (``api: chat``: ``POST /v1/chat/completions``,
+   the prompt as the user turn, or as the whole conversation when it is a JSON array of
+   messages) returns 200 and finishes with ``stop`` (the adapter emitted EOS before
+   ``max_tokens``); for ``output: json`` the text (the message's content) must parse.
    Stop and JSON are judged by loragate's one judging (:func:`loragate.core.judging.judge_completion`),
    the same definitions the proxy's metrics and the gate use.
 
@@ -58,6 +60,19 @@ def _request(method: str, url: str, key: str, timeout_s: float, body: Any = None
         raise SmokeFailure(f"{method} {url} did not answer JSON") from None
 
 
+def chat_messages(prompt: str) -> list[dict[str, Any]]:
+    """A chat adapter's smoke conversation: the prompt when it is a JSON array of messages (what
+    the gate records), else one user turn holding it."""
+    if prompt.lstrip().startswith("["):
+        try:
+            messages = json.loads(prompt)
+        except ValueError:
+            messages = None
+        if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+            return messages
+    return [{"role": "user", "content": prompt}]
+
+
 def check_models(cfg: dict[str, Any], key: str) -> None:
     """The engine serves the base model and every promoted adapter."""
     listing = _request("GET", f"{cfg['base_url']}/v1/models", key, 30.0)
@@ -74,18 +89,23 @@ def check_adapter(cfg: dict[str, Any], adapter: dict[str, Any], key: str) -> str
     name = adapter["name"]
     expects_json = adapter.get("output") == "json"
     t0 = time.monotonic()
-    answer = _request("POST", f"{cfg['base_url']}/v1/completions", key, float(cfg.get("timeout_s", 300)), {
-        "model": name, "prompt": adapter["prompt"], "max_tokens": int(adapter["max_tokens"]),
-        "temperature": 0,
-    })
+    chat = adapter.get("api") == "chat"
+    body: dict[str, Any] = {"model": name, "max_tokens": int(adapter["max_tokens"]), "temperature": 0}
+    if chat:
+        body["messages"] = chat_messages(adapter["prompt"])
+    else:
+        body["prompt"] = adapter["prompt"]
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    answer = _request("POST", f"{cfg['base_url']}{path}", key, float(cfg.get("timeout_s", 300)), body)
     seconds = time.monotonic() - t0
     try:
         choice = answer["choices"][0]
     except (KeyError, IndexError, TypeError):
         raise SmokeFailure(f"{name}: the answer has no choices: {json.dumps(answer)[:300]}") from None
     usage = answer.get("usage") or {}
+    text = ((choice.get("message") or {}).get("content") if chat else choice.get("text")) or ""
     judged = judge_completion(
-        choice.get("text") or "", choice.get("finish_reason"), expects_json=expects_json,
+        text, choice.get("finish_reason"), expects_json=expects_json,
         prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
     )
     facts = f"finish_reason={choice.get('finish_reason')}"

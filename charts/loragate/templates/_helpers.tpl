@@ -265,7 +265,7 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- define "loragate.smokeConfig" -}}
 {{- $adapters := list }}
 {{- range .Values.adapters.promoted }}
-{{- $adapters = append $adapters (dict "name" .name "output" (default "text" .output) "prompt" (default $.Values.smokeTest.prompt .smokePrompt) "max_tokens" (int (default $.Values.smokeTest.maxTokens .maxTokens))) }}
+{{- $adapters = append $adapters (dict "name" .name "api" (default "completions" .api) "output" (default "text" .output) "prompt" (default $.Values.smokeTest.prompt .smokePrompt) "max_tokens" (int (default $.Values.smokeTest.maxTokens .maxTokens))) }}
 {{- end }}
 {{- $cfg := dict "base_url" (printf "http://%s:%d" (include "loragate.fullname" .) (int .Values.service.port)) "base_model" (include "loragate.servedModelName" .) "adapters" $adapters "timeout_s" (int .Values.smokeTest.timeoutSeconds) }}
 {{- toPrettyJson $cfg }}

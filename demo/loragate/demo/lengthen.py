@@ -13,7 +13,7 @@ import random
 import re
 from typing import Any, Sequence
 
-from loragate.acceptance.prompts import Lengthener, Probe, PromptRecord, TokenCounter
+from loragate.acceptance.prompts import Lengthener, Probe, PromptRecord, TokenCounter, render
 from loragate.core.contracts import Contract
 from loragate.demo.data import Paper, lengthen
 
@@ -53,7 +53,7 @@ class DemoPaperLengthener:
     def _prompt(self, paper: Any, extra: int, seed: int) -> str:
         # A fresh generator per call: the first ``extra`` sentences are the same for every
         # ``extra``, so the prompt grows monotonically and a bisection finds the largest fit.
-        return self.contract.render_prompt(lengthen(paper, random.Random(seed), extra).text)
+        return render(self.contract, lengthen(paper, random.Random(seed), extra).text)
 
     def build(self, target: int, n: int, seed: int) -> list[Probe]:
         probes: list[Probe] = []

@@ -55,11 +55,11 @@ from loragate.loadtest.measure import (
     summarize,
 )
 from loragate.loadtest.prompts import (
-    COMPLETIONS_PATH,
     LoadTestError,
     base_url,
     completion_body,
     load_prompts,
+    request_path,
 )
 
 log = logging.getLogger("loragate.loadtest")
@@ -79,10 +79,11 @@ def _arguments(parser: Any) -> None:
     parser.add_argument("--adapter", type=str, default="", env_var="LORAGATE_LOAD_ADAPTER",
                        help="adapter (served model name) to stream completions from")
     parser.add_argument("--contracts", type=str, default="", env_var="LORAGATE_LOAD_CONTRACTS",
-                       help="adapters file: max_tokens, prompt template and SLOs of the adapter "
-                            "(default: the running local stack's, else the demo build's)")
+                       help="adapters file: max_tokens, prompt template, API and SLOs of the adapter")
     parser.add_argument("--prompts-file", type=str, default="", env_var="LORAGATE_LOAD_PROMPTS",
-                       help="JSONL of {'input'} or {'prompt'} lines (default: the demo's held-out prompts)")
+                       help="JSONL of {'input'}, {'prompt'} or (chat) {'messages'} lines")
+    parser.add_argument("--api", type=str, default="", env_var="LORAGATE_LOAD_API",
+                       help="completions or chat (default: the contract's api, else completions)")
     parser.add_argument("--max-tokens", type=int, default=0, env_var="LORAGATE_LOAD_MAX_TOKENS",
                        help="max_tokens of each request (0: the contract's max_tokens)")
     parser.add_argument("--temperature", type=float, default=0.0, env_var="LORAGATE_LOAD_TEMPERATURE",
@@ -99,6 +100,8 @@ class LoadConfig:
 
     adapter: str
     prompts: tuple[str, ...]
+    #: ``completions`` or ``chat`` (the contract's ``api``, or ``--api``).
+    api: str
     max_tokens: int
     temperature: float
     request_timeout_s: float
@@ -135,10 +138,14 @@ def config_from_options(options: Any) -> LoadConfig:
         max_tokens = contract.max_tokens
     if temperature < 0 or timeout <= 0:
         raise LoadTestError("--temperature must be >= 0 and --request-timeout > 0")
+    api = str(getattr(options, "api", "") or "") or (contract.api if contract is not None else "completions")
+    if api not in ("completions", "chat"):
+        raise LoadTestError(f"--api must be completions or chat, not {api!r}")
     samples = str(getattr(options, "samples_file", "") or "")
     return LoadConfig(
         adapter=adapter,
-        prompts=tuple(load_prompts(prompts_path, contract)),
+        prompts=tuple(load_prompts(prompts_path, contract, api)),
+        api=api,
         max_tokens=max_tokens,
         temperature=temperature,
         request_timeout_s=timeout,
@@ -276,15 +283,15 @@ class CompletionUser(User):
             host = self.environment.host or self.host
             if not host:
                 raise LoadTestError("no host: pass --host URL (the proxy's base URL)")
-            url = base_url(host) + COMPLETIONS_PATH
+            url = base_url(host) + request_path(cfg.api)
         except LoragateError as exc:
             if RUN.error != str(exc):
                 RUN.error = str(exc)
                 log.error("loragate load: %s", exc)
             gevent.sleep(1)
             return
-        body = completion_body(cfg.adapter, RUN.next_prompt(), cfg.max_tokens, cfg.temperature)
-        name = f"{COMPLETIONS_PATH} [{cfg.adapter}]"
+        body = completion_body(cfg.adapter, RUN.next_prompt(), cfg.max_tokens, cfg.temperature, cfg.api)
+        name = f"{request_path(cfg.api)} [{cfg.adapter}]"
         sent_wall, sent = time.time(), time.perf_counter()
         timer = StreamTimer(sent, sent_wall)
         status: int | None = None

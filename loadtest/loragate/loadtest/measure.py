@@ -148,7 +148,8 @@ class StreamTimer:
                 self.itl_s.append(at - self._last)  # type: ignore[operator]
             self._last = at
             choice = choices[0] if isinstance(choices[0], dict) else {}
-            if choice.get("text"):
+            delta = choice.get("delta")
+            if choice.get("text") or (isinstance(delta, dict) and delta.get("content")):  # completion or chat
                 self.text_chunks += 1
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]

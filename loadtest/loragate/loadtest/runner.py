@@ -261,14 +261,14 @@ def run_load(endpoint: str, adapter: str, contract: Contract, prompts: Sequence[
             "locust_csv_stats": work / "locust_stats.csv",
         }
         files["samples"].unlink(missing_ok=True)
-        write_prompts(prompts, files["prompts"])
+        write_prompts(prompts, files["prompts"], contract.api)
         cmd = [
             sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
             "--host", endpoint, "-u", str(int(users)), "-r", f"{float(spawn_rate):g}",
             "-t", f"{int(round(duration_s))}s", "--stop-timeout", f"{STOP_TIMEOUT_S:g}",
             "--csv", str(work / "locust"), "--html", str(files["locust_html"]),
             "--exit-code-on-error", "0", "--loglevel", "INFO",
-            "--adapter", adapter, "--prompts-file", str(files["prompts"]),
+            "--adapter", adapter, "--api", contract.api, "--prompts-file", str(files["prompts"]),
             "--max-tokens", str(budget), "--temperature", f"{float(temperature):g}",
             "--request-timeout", f"{REQUEST_TIMEOUT_S:g}", "--samples-file", str(files["samples"]),
         ]
