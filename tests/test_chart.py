@@ -595,9 +595,14 @@ def test_smoke_test_checks_every_promoted_adapter(full_values: Path) -> None:
     assert config["base_url"] == f"http://{RELEASE}-loragate:{settings.PROXY_PORT}"
     assert config["base_model"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert config["adapters"] == [
-        {"name": "support-triage", "output": "json", "prompt": "Ticket: my invoice is wrong\nTriage:", "max_tokens": 256},
-        {"name": "summarizer", "output": "text", "prompt": "Hello", "max_tokens": 256},
+        {"name": "support-triage", "api": "completions", "output": "json", "prompt": "Ticket: my invoice is wrong\nTriage:",
+         "max_tokens": 256},
+        {"name": "summarizer", "api": "completions", "output": "text", "prompt": "Hello", "max_tokens": 256},
     ]
+    chat = render([full_values], set_json={"adapters.promoted": [
+        {"name": "support-chat", "path": "support-chat", "api": "chat", "output": "json"}]})
+    [entry] = json.loads(one(chat, "ConfigMap", "smoke")["data"]["smoke.json"])["adapters"]
+    assert entry["api"] == "chat"  # the smoke check sends this adapter a chat request
     pod = one(docs, "Pod", "smoke-test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert config_map["metadata"]["annotations"]["helm.sh/hook"] == "test"
