@@ -50,7 +50,12 @@ def stack(stack_session: StackSession) -> st.StackInfo:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``loragate_runs_last`` (they stop the stack) run after every other test."""
+    """Every test that uses the stack (directly or through another fixture) is marked ``stack``,
+    so ``-m "not stack"`` (``make test-fast``) never starts an engine; tests marked
+    ``loragate_runs_last`` (they stop the stack) run after every other test."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()) and item.get_closest_marker("stack") is None:
+            item.add_marker(pytest.mark.stack)
     last = [item for item in items if getattr(getattr(item, "function", None), "loragate_runs_last", False)]
     if last:
         items[:] = [item for item in items if item not in last] + last
