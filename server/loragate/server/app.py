@@ -536,8 +536,7 @@ class ProxyApp:
             finally:
                 resp.close()
             if not link.connected:
-                self.metrics.client_disconnects.labels(adapter or self._adapter_names().label(None)).inc()
-                self.metrics.requests.labels(endpoint, "4xx").inc()
+                self._count_disconnect(adapter or self._adapter_names().label(None), endpoint)
                 return
             self.metrics.requests.labels(endpoint, f"{resp.status // 100}xx").inc()
             if generating and 200 <= resp.status < 300:
@@ -545,8 +544,7 @@ class ProxyApp:
         except asyncio.CancelledError:
             if not link.took_cancellation():
                 raise
-            self.metrics.client_disconnects.labels(adapter or self._adapter_names().label(None)).inc()
-            self.metrics.requests.labels(endpoint, "4xx").inc()
+            self._count_disconnect(adapter or self._adapter_names().label(None), endpoint)
         finally:
             link.close()
 
@@ -627,9 +625,13 @@ class ProxyApp:
             link.close()
         self._log(ex)
 
+    def _count_disconnect(self, adapter: str, endpoint: str) -> None:
+        """A client that left before it was handed the whole answer: never a completion."""
+        self.metrics.client_disconnects.labels(adapter).inc()
+        self.metrics.requests.labels(endpoint, "4xx").inc()
+
     def _client_gone(self, ex: _Exchange) -> None:
-        self.metrics.client_disconnects.labels(ex.adapter).inc()
-        self.metrics.requests.labels(ex.endpoint, "4xx").inc()
+        self._count_disconnect(ex.adapter, ex.endpoint)
         ex.status = 499
         ex.counted = True
 
