@@ -87,9 +87,9 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 
-def scrape(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(metrics_url: str, timeout: float = 10) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The samples of a Prometheus endpoint: ``{(name, sorted labels): value}``."""
-    text = httpx.get(metrics_url, timeout=10).text
+    text = httpx.get(metrics_url, timeout=timeout).text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text) for s in family.samples
