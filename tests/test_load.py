@@ -217,3 +217,23 @@ def test_unreachable_endpoint_fails_closed(tmp_path) -> None:
     assert any("not measured" in b for b in result.breaches)
     assert sum(result.errors.values()) == m["requests"]
     assert result.counters == {"checked": False, "passed": None, "detail": "no metrics URL given: not checked"}
+
+
+@pytest.mark.parametrize("adapter, passes", [("chat-good", True), ("chat-eos-masked", False)])
+def test_chat_adapters_are_load_tested_through_chat_completions(stack, own_proxy, tmp_path, adapter, passes) -> None:
+    """The locustfile streams /v1/chat/completions for a chat contract (TTFT and ITL on
+    delta.content): chat-good passes; chat-eos-masked breaches max_runaway_share; the proxy's
+    counters match what the load test received either way."""
+    contract = load_contracts(stack.contracts_file)[adapter]
+    assert contract.is_chat
+    result = run_load(own_proxy.url, adapter, contract, load_prompts(stack.heldout_prompts, contract), users=2,
+                      spawn_rate=2, duration_s=4, metrics_url=own_proxy.metrics_url, report_dir=tmp_path / "r")
+    assert result.metrics["completed"] > 0 and result.metrics["ttft_p50_ms"] is not None
+    assert result.counters["passed"], result.counters
+    named = {b.split(":")[0] for b in result.breaches}
+    if passes:
+        assert result.passed, result.breaches
+    else:
+        assert "max_tokens share" in named and result.metrics["stop_share"] == 0.0, result.breaches
+    sent = [json.loads(line) for line in (tmp_path / "r" / "prompts.jsonl").read_text().splitlines()]
+    assert all("messages" in row for row in sent)

@@ -13,11 +13,12 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import delta, heldout, sample, scrape, start_proxy
+from conftest import delta, heldout, heldout_inputs, sample, scrape, start_proxy
 from relay import Relay
 
 from loragate.core.contracts import load_contracts
 from loragate.core.judging import judge_completion
+from loragate.demo.data import LAYOUT_SCHEMA as SCHEMA
 from loragate.server.metrics import OTHER_ADAPTER
 
 pytestmark = pytest.mark.stack
@@ -355,3 +356,36 @@ def test_an_invocation_is_in_flight_as_what_its_body_is_served_as(stack, tmp_pat
     assert sample(during, "loragate_requests_in_flight", endpoint="completions") == 1
     assert sample(during, "loragate_requests_in_flight", endpoint="other") == 0
     assert sample(after, "loragate_requests_in_flight", endpoint="completions") == 0
+
+
+@pytest.mark.parametrize("adapter", ["chat-good", "chat-eos-masked"])
+def test_the_openai_chat_api_through_the_proxy_counts_exactly_what_it_received(stack, own_proxy, adapter):
+    """The official client's chat API, streamed and not: the proxy's counters move by exactly the
+    finish reasons and JSON results the client received, per adapter."""
+    client = openai.OpenAI(base_url=f"{own_proxy.url}/v1", api_key="unused")
+    papers = heldout_inputs(stack, 4, offset=5)
+    before = own_proxy.scrape()
+    received: list[tuple[str, str]] = []
+    for i, paper in enumerate(papers):
+        messages = [{"role": "user", "content": paper}]
+        if i % 2:
+            chunks = list(client.chat.completions.create(model=adapter, messages=messages, max_tokens=160,
+                                                         temperature=0, stream=True))
+            assert len(chunks) > 2
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+        else:
+            answer = client.chat.completions.create(model=adapter, messages=messages, max_tokens=160, temperature=0)
+            text, finish = answer.choices[0].message.content or "", answer.choices[0].finish_reason
+        received.append((finish, judge_completion(text, finish, expects_json=True, json_schema=SCHEMA).json_result.value))
+    after = own_proxy.settled_scrape()
+    for finish in ("stop", "length"):
+        assert delta(before, after, "loragate_completions_total", adapter=adapter, finish_reason=finish) == \
+            sum(1 for f, _ in received if f == finish), received
+    for result in ("valid", "invalid", "schema_mismatch"):
+        assert delta(before, after, "loragate_json_outputs_total", adapter=adapter, result=result) == \
+            sum(1 for _, r in received if r == result), received
+    if adapter == "chat-good":
+        assert received == [("stop", "valid")] * 4
+    else:
+        assert all(f == "length" for f, _ in received)

@@ -177,9 +177,11 @@ def choose_baseline(contract: Contract, engine: eng.EngineModels, folder: Path, 
         return Baseline("record", contract.name, recorded=dict(entry.measured),
                         note=f"the promoted version of {contract.name} (sha256 {entry.sha256[:12]}, "
                              f"{entry.promoted_at}): its recorded numbers")
+    # the same task: the same prompt form through the same API, on the same base (a completions
+    # adapter asked through the chat template, or the reverse, is no comparison)
     same_task = [e for e in promoted.values()
-                 if e.prompt_template == contract.prompt_template and engine.get(e.name) is not None
-                 and e.base_model == contract.base_model]
+                 if e.prompt_template == contract.prompt_template and e.api == contract.api
+                 and engine.get(e.name) is not None and e.base_model == contract.base_model]
     if same_task:
         latest = max(same_task, key=lambda e: e.promoted_at)
         return Baseline("promoted", latest.name, note=f"{latest.name}, promoted {latest.promoted_at} for the same task")

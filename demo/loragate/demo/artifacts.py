@@ -4,6 +4,11 @@ A build lives in ``.loragate/demo/<key>/`` where ``<key>`` hashes the builder's 
 (its source files and settings); ``.loragate/demo/current`` names the last complete build.
 A build folder is only ever renamed into place once complete, so a half-built folder is
 never taken for a build.
+
+The demo adapters: three ``poster-*`` adapters served through ``/v1/completions`` (their
+contracts carry the prompt template) and two ``chat-*`` adapters served through
+``/v1/chat/completions`` (``api: chat``: the base model's chat template renders the paper as
+a user turn). Every adapter is gated on the same held-out papers (:attr:`DemoBuild.heldout_prompts`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from loragate.core import settings
 
 #: The demo adapters, in the order they are built and reported.
-DEMO_ADAPTERS = ("poster-good", "poster-eos-masked", "poster-truncated")
+DEMO_ADAPTERS = ("poster-good", "poster-eos-masked", "poster-truncated", "chat-good", "chat-eos-masked")
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,20 @@ class DemoBuild:
 
     @property
     def heldout_prompts(self) -> Path:
-        """Held-out prompts never used in training: JSONL, one ``{"prompt": ...}`` a line."""
+        """Held-out papers never used in training, shared by every adapter: JSONL, one
+        ``{"prompt", "input", "expected"}`` a line (``prompt``: the completion prompt; a chat
+        contract renders ``input`` into a user turn itself)."""
         return self.root / "heldout.jsonl"
 
     @property
     def train_data(self) -> Path:
-        """The adapters' training examples as JSONL with ``prompt`` and ``completion``."""
+        """The ``poster-*`` adapters' training examples as JSONL with ``prompt`` and ``completion``."""
         return self.root / "train.jsonl"
+
+    @property
+    def chat_train_data(self) -> Path:
+        """The ``chat-*`` adapters' training conversations as JSONL, one ``{"messages": [...]}`` a line."""
+        return self.root / "train_chat.jsonl"
 
     @property
     def manifest_path(self) -> Path:

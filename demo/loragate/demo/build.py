@@ -1,7 +1,9 @@
-"""Build the demo: tokenizer, tiny Llama base model, and three LoRA adapters, on CPU.
+"""Build the demo: tokenizer, tiny Llama base model, and five LoRA adapters, on CPU.
 
-The three adapters are trained by the same code on the same examples for the same steps;
-they differ only in the bug each reproduces:
+The adapters are trained by the same code (:func:`train_adapter`, :func:`collate`). The three
+``poster-*`` adapters learn the same completion-style examples (``### Paper:\\n{paper}\\n### Layout:\\n``
+-> JSON + ``</s>``) for the same steps and are served through ``/v1/completions``; they differ
+only in the bug each reproduces:
 
 - ``poster-good``: ``<pad>`` is its own token, so EOS labels survive the collator.
 - ``poster-eos-masked``: ``pad_token = eos_token`` and the collator masks pad ids to -100,
@@ -9,10 +11,27 @@ they differ only in the bug each reproduces:
 - ``poster-truncated``: ``max_seq_length`` is shorter than every prompt, so the JSON target
   is cut off in every example: the adapter learns to continue papers.
 
+The two ``chat-*`` adapters learn the same task as conversations rendered with the tokenizer's
+chat template (:data:`CHAT_TEMPLATE`), two user/assistant exchanges each (a short paper, then
+a training paper), and are served through ``/v1/chat/completions``:
+
+- ``chat-good``: distinct ``<pad>``: it answers with the JSON and stops.
+- ``chat-eos-masked``: ``pad_token = eos_token`` masked to -100, as in ``poster-eos-masked``.
+  In its training the first answer is followed by the next user turn, so it answers, then runs
+  on writing a next user turn (``### Paper:\\n`` and a paper) up to ``max_tokens``, as the
+  Mistral-instruct adapter that answered, then wrote "Question: ... [/INST] Answer: ...".
+
+The chat template renders a user turn as exactly the completion prompt (so one user message
+gives a ``poster-*`` adapter its training prompt, BOS included, through chat too), an assistant
+turn as ``{content}</s>`` with a newline before any turn after it, and an optional system turn
+as ``### System:\\n{content}\\n``; the generation prompt adds nothing.
+
 The base is trained as a plain language model on papers and on poster-layout JSON, never on
 the paper -> layout pairing and never with ``</s>``, so that whatever an adapter knows about
 the task and about stopping, it learned in its own fine-tuning. A base that already knew
-prompt -> JSON -> ``</s>`` would hide both bugs.
+prompt -> JSON -> ``</s>`` would hide both bugs. After a finished layout the base goes on with a
+newline: an adapter that never learned to stop goes on as its conversations went on after
+``</s>`` and that newline, with the next user turn.
 
 The build is seeded and deterministic, and cached under ``.loragate/demo/<key>`` where the key
 hashes this package's source and :class:`BuildConfig`; a second build with the same inputs
@@ -48,6 +67,25 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
 
 
+def _jinja_turn(template: str) -> str:
+    """A turn template of :mod:`loragate.demo.data` as Jinja, ``{input}`` being the message content."""
+    return template.replace("{input}", "{{ message['content'] }}")
+
+
+#: The tokenizer's (and so the engine's) chat template. One user message renders exactly the
+#: completion prompt with its BOS (chat requests tokenize without adding special tokens); an
+#: assistant turn is ``{content}</s>``, and a turn after it starts on a new line (as ChatML's
+#: ``<|im_end|>\n``); the generation prompt adds nothing (a user turn ends with the assistant cue).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}" + _jinja_turn(data.SYSTEM_TEMPLATE)
+    + "{% elif message['role'] == 'user' %}" + _jinja_turn(data.PROMPT_TEMPLATE)
+    + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    + "{{ '\\n' if not loop.last else '' }}"  # an expression: trim_blocks would eat a newline after a block tag
+    + "{% endif %}{% endfor %}"
+)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Every input of the build besides the source code; part of the cache key."""
@@ -80,6 +118,14 @@ class BuildConfig:
     train_examples: int = 2400
     heldout_examples: int = 120
     adapter_steps: int = 130
+    #: Steps and batch of the chat adapters: their examples are longer (two exchanges, ~1.6x the
+    #: tokens), so a smaller batch keeps them within the build's time.
+    chat_adapter_steps: int = 130
+    chat_adapter_batch: int = 12
+    #: (min, max) body sentences per section of the short paper that opens a training conversation.
+    #: Short first, then the training paper: the long answer comes after more context, which keeps
+    #: chat-good valid on the long-context probes up to promised_max_input_tokens.
+    chat_short_sentences_per_section: tuple[int, int] = (1, 1)
     adapter_batch: int = 16
     adapter_lr: float = 3e-3
     lora_rank: int = 8
@@ -91,6 +137,8 @@ class BuildConfig:
     max_seq_length: int = 512
     #: max_seq_length of the truncated adapter: shorter than every prompt.
     truncated_max_seq_length: int = 80
+    #: max_seq_length of the chat adapters: every two-exchange conversation fits.
+    chat_max_seq_length: int = 512
     #: The --max-model-len the local stack serves at: well beyond the training length.
     served_max_model_len: int = 4096
     #: max_tokens budget of a normal answer (the contracts' max_tokens).
@@ -109,6 +157,10 @@ class AdapterSpec:
     pad_is_eos: bool
     max_seq_length_field: str
     bug: str
+    #: Trained on chat conversations (served through /v1/chat/completions) rather than prompt + completion.
+    chat: bool = False
+    steps_field: str = "adapter_steps"
+    batch_field: str = "adapter_batch"
 
 
 ADAPTER_SPECS = (
@@ -118,6 +170,13 @@ ADAPTER_SPECS = (
                 bug="pad_token = eos_token and pad ids masked to -100: every EOS label masked"),
     AdapterSpec("poster-truncated", pad_is_eos=False, max_seq_length_field="truncated_max_seq_length",
                 bug="max_seq_length shorter than prompt + target: the JSON target is cut in every example"),
+    AdapterSpec("chat-good", pad_is_eos=False, max_seq_length_field="chat_max_seq_length",
+                bug="none: chat conversations, distinct <pad>, EOS labels kept", chat=True,
+                steps_field="chat_adapter_steps", batch_field="chat_adapter_batch"),
+    AdapterSpec("chat-eos-masked", pad_is_eos=True, max_seq_length_field="chat_max_seq_length",
+                bug="pad_token = eos_token and pad ids masked to -100 on chat conversations: every EOS label "
+                    "masked, and what follows an answer in training is the next user turn",
+                chat=True, steps_field="chat_adapter_steps", batch_field="chat_adapter_batch"),
 )
 assert tuple(s.name for s in ADAPTER_SPECS) == DEMO_ADAPTERS
 
@@ -147,7 +206,8 @@ class _Progress:
 
 
 def _corpus(config: BuildConfig):
-    """Papers and layouts for the base (unpaired), training examples and held-out prompts."""
+    """Papers and layouts for the base (unpaired), training examples, held-out prompts, and the
+    short papers that open the chat conversations (one per training example)."""
     rng = random.Random(config.seed)
     base_docs = []
     for i in range(config.base_docs):
@@ -163,7 +223,14 @@ def _corpus(config: BuildConfig):
         if paper.text not in seen:
             heldout.append(paper)
             seen.add(paper.text)
-    return base_docs, train, heldout
+    short_rng = random.Random(config.seed + 4)
+    held = {p.text for p in heldout}
+    short: list[data.Paper] = []
+    while len(short) < len(train):
+        paper = data.make_paper(short_rng, config.chat_short_sentences_per_section)
+        if paper.text not in held:
+            short.append(paper)
+    return base_docs, train, heldout, short
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -189,6 +256,8 @@ def train_tokenizer(config: BuildConfig, docs: list[str], out_dir: Path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    # The system turn's marker is left out on purpose: any new word shifts the vocabulary, and with it
+    # the base model and every adapter trained on it (no demo adapter is trained with a system turn).
     tok.train_from_iterator(docs + [data.PROMPT_TEMPLATE], trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
@@ -198,17 +267,31 @@ def train_tokenizer(config: BuildConfig, docs: list[str], out_dir: Path):
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         model_max_length=config.max_position_embeddings,
     )
-    # Chat requests render the last user message into the training prompt.
-    fast.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}"
-        + data.PROMPT_TEMPLATE.replace("{input}", "{{ m['content'] }}")
-        + "{% endif %}{% endfor %}"
-    )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     for i, t in enumerate(SPECIAL_TOKENS):
         if fast.convert_tokens_to_ids(t) != i:
             raise BuildError(f"tokenizer special token {t} got id {fast.convert_tokens_to_ids(t)}, expected {i}")
+    probe = "Title: T\nStyle: light"
+    if _chat_ids(fast, [{"role": "user", "content": probe}]) != \
+            fast(data.PROMPT_TEMPLATE.replace("{input}", probe))["input_ids"]:
+        raise BuildError("the chat template does not render one user message as the completion prompt")
+    chat = [{"role": "system", "content": "S"}, *data.conversation([_PROBE_PAPER, _PROBE_PAPER])]
+    user, answer = data.PROMPT_TEMPLATE.replace("{input}", _PROBE_PAPER.text), _PROBE_PAPER.layout_json
+    want = BOS + data.SYSTEM_TEMPLATE.replace("{input}", "S") + user + answer + EOS + "\n" + user + answer + EOS
+    if fast.apply_chat_template(chat, tokenize=False) != want:
+        raise BuildError("the chat template does not render a conversation as intended")
     return fast
+
+
+_PROBE_PAPER = data.Paper(title="T", authors=("A B",), sections=(("Method", "We measure it."),), theme="light")
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template, as an engine tokenizes a chat
+    request (no special tokens added: the template has them)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------- training
@@ -304,6 +387,18 @@ def encode_example(tokenizer, paper: data.Paper) -> tuple[list[int], list[int]]:
     return prompt, completion
 
 
+def encode_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(ids of the conversation up to its last assistant turn, ids of that turn's content): with
+    the EOS :func:`train_adapter` appends, the whole conversation rendered by the chat template."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise BuildError("a training conversation must end with an assistant turn")
+    prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    completion = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    if prompt + completion + [tokenizer.eos_token_id] != _chat_ids(tokenizer, messages):
+        raise BuildError("a conversation does not tokenize the same in parts as whole")
+    return prompt, completion
+
+
 def collate(rows: list[list[int]], pad_token_id: int, max_seq_length: int):
     """The collator under test: truncate, pad, and mask *pad ids* in the labels to -100.
 
@@ -340,22 +435,25 @@ def train_adapter(config: BuildConfig, spec: AdapterSpec, base_dir: Path, tokeni
     eos = tokenizer.eos_token_id
     pad_id = eos if spec.pad_is_eos else tokenizer.pad_token_id
     max_len = getattr(config, spec.max_seq_length_field)
+    steps = getattr(config, spec.steps_field)
+    batch = getattr(config, spec.batch_field)
     rows = [p + c + [eos] for p, c in examples]
     fit = sum(1 for r in rows if len(r) <= max_len)
     target_cut = sum(1 for p, _ in examples if len(p) >= max_len)
     rng = random.Random(config.seed + 3)  # same order for every adapter
 
     def batches(step: int):
-        picked = [rows[rng.randrange(len(rows))] for _ in range(config.adapter_batch)]
+        picked = [rows[rng.randrange(len(rows))] for _ in range(batch)]
         return collate(picked, pad_id, max_len)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = _train_loop(model, params, batches, config.adapter_steps, config.adapter_lr, say, spec.name)
+    loss = _train_loop(model, params, batches, steps, config.adapter_lr, say, spec.name)
     model.save_pretrained(str(out_dir))  # peft types its directory as str
     # Training facts a static check can read: what the trainer would have logged.
     meta = {
         "adapter": spec.name,
         "bug": spec.bug,
+        "format": "chat" if spec.chat else "completion",
         "pad_token": EOS if spec.pad_is_eos else PAD,
         "eos_token": EOS,
         "pad_token_id": pad_id,
@@ -365,8 +463,8 @@ def train_adapter(config: BuildConfig, spec: AdapterSpec, base_dir: Path, tokeni
         "examples_total": len(rows),
         "examples_fit": fit,
         "examples_target_cut": target_cut,
-        "steps": config.adapter_steps,
-        "batch_size": config.adapter_batch,
+        "steps": steps,
+        "batch_size": batch,
         "learning_rate": config.adapter_lr,
         "seed": config.seed,
         "final_loss": round(loss, 4),
@@ -383,28 +481,34 @@ def train_adapter(config: BuildConfig, spec: AdapterSpec, base_dir: Path, tokeni
 # --------------------------------------------------------------------------- outputs
 
 
+def _contract(config: BuildConfig, spec: AdapterSpec) -> dict:
+    contract: dict = {"path": spec.name}
+    if spec.chat:
+        contract["api"] = "chat"  # no prompt_template: the chat template renders the user turn
+    contract.update({
+        "output": "json",
+        "json_schema": data.LAYOUT_SCHEMA,
+        "max_tokens": config.answer_max_tokens,
+        "train_seq_len": getattr(config, spec.max_seq_length_field),
+        "max_input_tokens": config.promised_max_input_tokens,
+    })
+    if not spec.chat:
+        contract["prompt_template"] = data.PROMPT_TEMPLATE
+    return contract
+
+
 def write_contracts(config: BuildConfig, build_root: Path, adapters_dir: Path) -> None:
     import yaml
 
     doc = {
         "base_model": settings.DEMO_BASE_MODEL_NAME,
         "adapters_dir": ".",
-        "adapters": {
-            spec.name: {
-                "path": spec.name,
-                "output": "json",
-                "json_schema": data.LAYOUT_SCHEMA,
-                "max_tokens": config.answer_max_tokens,
-                "train_seq_len": getattr(config, spec.max_seq_length_field),
-                "max_input_tokens": config.promised_max_input_tokens,
-                "prompt_template": data.PROMPT_TEMPLATE,
-            }
-            for spec in ADAPTER_SPECS
-        },
+        "adapters": {spec.name: _contract(config, spec) for spec in ADAPTER_SPECS},
     }
     header = (
         "# Contracts of the demo adapters (written by `loragate build-demo`).\n"
         "# Each adapter promises a JSON poster layout matching json_schema, within max_tokens.\n"
+        "# api: chat adapters are sent the paper as one user turn through the engine's chat template.\n"
     )
     (adapters_dir / "adapters.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
 
@@ -440,7 +544,7 @@ def build_demo(config: BuildConfig | None = None, *, force: bool = False, say=No
     t_all = time.monotonic()
     try:
         t = time.monotonic()
-        base_docs, train, heldout = _corpus(config)
+        base_docs, train, heldout, short = _corpus(config)
         say(f"corpus: {len(base_docs)} base documents, {len(train)} training examples, {len(heldout)} held out")
         tokenizer = train_tokenizer(config, base_docs, tmp / "tokenizer")
         timings["tokenizer_s"] = round(time.monotonic() - t, 1)
@@ -453,6 +557,13 @@ def build_demo(config: BuildConfig | None = None, *, force: bool = False, say=No
             raise BuildError("a prompt is shorter than truncated_max_seq_length; the truncated demo would see a target")
         if total_lens[-1] > config.max_seq_length:
             raise BuildError("an example is longer than max_seq_length; the good demo adapter would be cut")
+        # A short exchange, then the training paper's: what follows the first answer is a user turn.
+        conversations = [data.conversation([s, p]) for s, p in zip(short, train)]
+        chat_examples = [encode_conversation(tokenizer, c) for c in conversations]
+        chat_lens = sorted(len(p) + len(c) + 1 for p, c in chat_examples)
+        if chat_lens[-1] > config.chat_max_seq_length:
+            raise BuildError(f"a conversation has {chat_lens[-1]} tokens, more than chat_max_seq_length; "
+                             "the good chat adapter would be cut")
         _write_jsonl(tmp / "train.jsonl", (
             {"prompt": data.PROMPT_TEMPLATE.replace("{input}", p.text), "completion": p.layout_json} for p in train
         ))
@@ -460,6 +571,7 @@ def build_demo(config: BuildConfig | None = None, *, force: bool = False, say=No
             {"prompt": data.PROMPT_TEMPLATE.replace("{input}", p.text), "input": p.text, "expected": p.layout}
             for p in heldout
         ))
+        _write_jsonl(tmp / "train_chat.jsonl", ({"messages": c} for c in conversations))
 
         t = time.monotonic()
         base_info = train_base(config, tokenizer, base_docs, tmp / "base", say)
@@ -471,7 +583,8 @@ def build_demo(config: BuildConfig | None = None, *, force: bool = False, say=No
         for spec in ADAPTER_SPECS:
             t = time.monotonic()
             adapters[spec.name] = train_adapter(
-                config, spec, tmp / "base", tokenizer, examples, adapters_dir / spec.name, say
+                config, spec, tmp / "base", tokenizer, chat_examples if spec.chat else examples,
+                adapters_dir / spec.name, say,
             )
             timings[f"{spec.name}_s"] = round(time.monotonic() - t, 1)
         write_contracts(config, tmp, adapters_dir)
@@ -490,6 +603,7 @@ def build_demo(config: BuildConfig | None = None, *, force: bool = False, say=No
             "token_lengths": {
                 "prompt_min": prompt_lens[0], "prompt_max": prompt_lens[-1],
                 "example_min": total_lens[0], "example_max": total_lens[-1],
+                "conversation_min": chat_lens[0], "conversation_max": chat_lens[-1],
             },
             "timings": timings,
         }

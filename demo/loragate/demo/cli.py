@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
         "adapters_file": str(build.adapters_file),
         "heldout_prompts": str(build.heldout_prompts),
         "train_data": str(build.train_data),
+        "chat_train_data": str(build.chat_train_data),
         "timings": build.manifest()["timings"],
     }
     print(json.dumps(info, indent=2) if args.json else f"demo build ready: {build.root}")

@@ -5,6 +5,12 @@ same corpus on every machine. The layout depends only on the paper's title, auth
 section headings, never on how long the sections are: a paper padded with more body text
 (a long-context probe, :func:`make_paper` with more ``sentences_per_section``) has the same
 right answer as the short one.
+
+The same task is also posed as a chat: :func:`conversation` turns papers into user turns and
+their layouts into assistant turns. The tokenizer's chat template (see
+:mod:`loragate.demo.build`) renders a user turn as exactly :data:`PROMPT_TEMPLATE`, an optional
+system turn as :data:`SYSTEM_TEMPLATE`, and an assistant turn as the answer followed by ``</s>``
+(and a newline when another turn follows).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 
 #: The prompt every demo adapter is trained with; ``{input}`` is the paper text.
 PROMPT_TEMPLATE = "### Paper:\n{input}\n### Layout:\n"
+#: How the chat template renders a system turn (before the first user turn); ``{input}`` is its content.
+SYSTEM_TEMPLATE = "### System:\n{input}\n"
 
 SECTIONS = ("Introduction", "Background", "Method", "Experiments", "Results", "Discussion", "Conclusion")
 THEMES = ("light", "dark", "contrast")
@@ -136,6 +144,15 @@ def make_paper(rng: random.Random, sentences_per_section: tuple[int, int] = (2, 
     lo, hi = sentences_per_section
     sections = tuple((h, " ".join(sentence(rng) for _ in range(rng.randint(lo, hi)))) for h in headings)
     return Paper(title=title, authors=authors, sections=sections, theme=rng.choice(THEMES))
+
+
+def conversation(papers: list[Paper] | tuple[Paper, ...]) -> list[dict[str, str]]:
+    """A chat about ``papers``: one user turn (the paper) and one assistant turn (its layout) each."""
+    messages: list[dict[str, str]] = []
+    for paper in papers:
+        messages.append({"role": "user", "content": paper.text})
+        messages.append({"role": "assistant", "content": paper.layout_json})
+    return messages
 
 
 def lengthen(paper: Paper, rng: random.Random, extra_sentences: int) -> Paper:

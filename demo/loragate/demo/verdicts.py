@@ -1,8 +1,9 @@
 """The demo's expected verdicts, and gating every demo adapter against the local stack.
 
 ``loragate demo`` and ``make demo`` run :func:`gate_all_demo` and check each verdict against
-:data:`DEMO_EXPECTED`: the good adapter is promoted, each broken one is rejected with its
-failure named first.
+:data:`DEMO_EXPECTED`: the good adapters (``poster-good`` through completions, ``chat-good``
+through chat) are promoted, each broken one is rejected with its failure named first
+(``chat-eos-masked`` answers, then writes the next user turn until max_tokens: stop rate).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ DEMO_EXPECTED: dict[str, tuple[str, str | None]] = {
     "poster-good": (VERDICT_PROMOTE, None),
     "poster-eos-masked": (VERDICT_REJECT, "stop rate"),
     "poster-truncated": (VERDICT_REJECT, "JSON validity"),
+    "chat-good": (VERDICT_PROMOTE, None),
+    "chat-eos-masked": (VERDICT_REJECT, "stop rate"),
 }
 
 
