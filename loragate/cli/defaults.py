@@ -10,10 +10,12 @@ local stack or the demo build (``tests/test_layout.py`` checks the imports).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
-from loragate.core.errors import GateError
+from loragate.core.engine import ADMIN_KEY_ENV
+from loragate.core.errors import GateError, UsageError
 
 
 def local_stack_for(endpoint: str | None) -> Any:
@@ -31,6 +33,15 @@ def local_stack_for(endpoint: str | None) -> Any:
         return info
     endpoint = endpoint.rstrip("/").removesuffix("/v1")
     return info if endpoint in (info.proxy_url.rstrip("/"), info.vllm_url.rstrip("/")) else None
+
+
+def default_endpoint() -> str:
+    """The local stack's proxy URL; a :class:`UsageError` when no stack runs."""
+    stack = local_stack_for(None)
+    if stack is None:
+        raise UsageError("no --endpoint given and no local stack runs (`loragate up` starts one): "
+                         "pass --endpoint URL, the engine's or the proxy's OpenAI base URL")
+    return str(stack.proxy_url)
 
 
 def demo_build_for(contracts_file: Path) -> Any:
@@ -109,10 +120,12 @@ def gate_options(options: Any) -> Any:
         changes["max_lora_rank"], changes["max_lora_rank_source"] = rank_limit(endpoint, contracts)
     if options.lengthener is None:
         changes["lengthener"] = demo_lengthener
-    if options.metrics_url is None and options.load:
-        stack = local_stack_for(endpoint)
-        if stack is not None and endpoint.rstrip("/") == stack.proxy_url.rstrip("/"):
-            changes["metrics_url"] = stack.metrics_url
+    stack = local_stack_for(endpoint)
+    through_stack_proxy = stack is not None and endpoint.rstrip("/").removesuffix("/v1") == stack.proxy_url.rstrip("/")
+    if options.metrics_url is None and options.load and through_stack_proxy:
+        changes["metrics_url"] = stack.metrics_url
+    if options.admin_key is None and not os.environ.get(ADMIN_KEY_ENV) and through_stack_proxy:
+        changes["admin_key"] = stack.admin_key  # the key `loragate up` made for its proxy
     return dataclasses.replace(options, **changes)
 
 
@@ -121,7 +134,8 @@ def load_sources(endpoint: str | None) -> tuple[str | None, Path | None, Path | 
     stack's proxy and files, else the current demo build's files."""
     stack = local_stack_for(None)
     if stack is not None and stack.contracts_file is not None:
-        return endpoint or stack.proxy_url, Path(stack.contracts_file), Path(stack.heldout_prompts)
+        return (endpoint or stack.proxy_url, Path(stack.contracts_file),
+                Path(stack.heldout_prompts) if stack.heldout_prompts else None)
     from loragate.demo.artifacts import current_build
 
     build = current_build()

@@ -28,8 +28,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _configure_gate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", required=True,
-                   help="OpenAI-compatible base URL of the engine or the proxy (http://host:port[/v1])")
+    p.add_argument("--endpoint",
+                   help="OpenAI-compatible base URL of the engine or the proxy (http://host:port[/v1]; "
+                        "default: the local stack's proxy, when `loragate up` runs)")
     p.add_argument("--adapter", required=True, help="adapter name (served model name and contract name)")
     p.add_argument("--contracts", type=Path, help="adapters file (default: the local stack's / the demo build's)")
     p.add_argument("--prompts", type=Path,
@@ -109,10 +110,10 @@ def _check_data(args: argparse.Namespace) -> int:
 
 def _gate(args: argparse.Namespace) -> int:
     from loragate.acceptance.gate import GateOptions, run_gate
-    from loragate.cli.defaults import gate_options
+    from loragate.cli.defaults import default_endpoint, gate_options
 
     options = GateOptions(
-        endpoint=args.endpoint, adapter=args.adapter, contracts=args.contracts, prompts=args.prompts,
+        endpoint=args.endpoint or default_endpoint(), adapter=args.adapter, contracts=args.contracts, prompts=args.prompts,
         long_prompts=args.long_prompts, report_dir=args.report_dir, promote=args.promote,
         promoted_dir=args.promoted_dir, load=args.load, load_users=args.load_users,
         load_spawn_rate=args.load_spawn_rate, load_duration_s=args.load_duration, metrics_url=args.metrics_url,

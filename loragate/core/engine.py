@@ -175,7 +175,9 @@ def load_adapter(url: str, name: str, path: str, *, admin_key: str | None = None
     if resp.status_code != 200:
         hint = ""
         if resp.status_code in (401, 403):
-            hint = f" (through the proxy this needs its admin key: --admin-key or ${ADMIN_KEY_ENV})"
+            hint = (f" (through the proxy this needs its admin key: --admin-key or ${ADMIN_KEY_ENV}, which "
+                    "`loragate status` shows for the local stack; or load straight into the engine with "
+                    "--engine-url set to the engine's own URL)")
         raise EndpointError(f"loading adapter {name!r} from {path}: HTTP {resp.status_code}: "
                             f"{resp.text[:300]}{hint}")
 

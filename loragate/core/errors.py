@@ -10,6 +10,10 @@ class LoragateError(Exception):
     """Base class: an expected failure with a message meant for the user."""
 
 
+class UsageError(LoragateError):
+    """The command was given wrong or missing options; nothing was started or changed."""
+
+
 class ContractError(LoragateError):
     """An adapters file (contract) is missing, malformed or inconsistent."""
 

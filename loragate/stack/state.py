@@ -57,7 +57,10 @@ def _write_state(state: dict[str, Any]) -> None:
     path = state_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
+    # it holds the proxy's admin key: readable by its owner only
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(state, indent=2))
     os.replace(tmp, path)
 
 
@@ -97,6 +100,7 @@ def _info_of(state: Mapping[str, Any]) -> StackInfo:
         heldout_prompts=path(state.get("heldout_prompts")),
         max_model_len=int(state.get("max_model_len") or 0),
         log_dir=path(state.get("log_dir")),
+        admin_key=state.get("admin_key") or None,
     )
 
 
