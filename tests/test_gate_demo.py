@@ -22,6 +22,7 @@ from loragate.acceptance.gate import GateOptions, GateResult, run_gate
 from loragate.acceptance.promotion import read_promoted
 from loragate.cli.defaults import gate_options
 from loragate.core import engine as eng
+from loragate.core.errors import UsageError
 from loragate.demo.artifacts import DEMO_ADAPTERS
 from loragate.demo.verdicts import DemoResults, gate_all_demo
 
@@ -134,18 +135,17 @@ def test_reports_are_written(demo: DemoResults) -> None:
     assert index.count("<tr>") == len(DEMO_ADAPTERS) + 1 and "<svg" in index
 
 
-def test_an_adapter_the_real_engine_does_not_serve_is_rejected(stack, tmp_path: Path) -> None:
+def test_an_adapter_the_real_engine_does_not_serve_is_a_usage_error(stack, tmp_path: Path) -> None:
     contracts = yaml.safe_load(Path(stack.contracts_file).read_text())
     contracts["adapters_dir"] = str(Path(stack.contracts_file).parent)
     contracts["adapters"]["poster-ghost"] = dict(contracts["adapters"]["poster-good"])
     ghost = tmp_path / "adapters.yaml"
     ghost.write_text(yaml.safe_dump(contracts))
-    r = run_gate(gate_options(GateOptions(endpoint=stack.proxy_url, adapter="poster-ghost", contracts=ghost,
-                             prompts=stack.heldout_prompts, report_dir=tmp_path / "r", promote=True,
-                             promoted_dir=tmp_path / "promoted")), quiet=True)
-    assert r.verdict == "REJECT" and r.exit_code == 1
-    assert "does not serve adapter 'poster-ghost'" in r.reasons[0]
-    assert not (tmp_path / "promoted").exists()
+    with pytest.raises(UsageError, match="does not serve adapter 'poster-ghost'"):
+        run_gate(gate_options(GateOptions(endpoint=stack.proxy_url, adapter="poster-ghost", contracts=ghost,
+                                          prompts=stack.heldout_prompts, report_dir=tmp_path / "r", promote=True,
+                                          promoted_dir=tmp_path / "promoted")), quiet=True)
+    assert not (tmp_path / "promoted").exists() and not (tmp_path / "r").exists()
 
 
 def test_runtime_lora_api_loads_and_unloads_on_the_real_engine(stack, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from loragate.acceptance.suite_process import (
 from loragate.core import engine as eng
 from loragate.core import settings
 from loragate.core.contracts import Contract, ContractSet, load_contracts
-from loragate.core.errors import GateError, LoragateError
+from loragate.core.errors import GateError, LoragateError, UsageError
 from loragate.core.processes import sigterm_as_interrupt
 
 VERDICT_PROMOTE = "PROMOTE"
@@ -356,6 +356,8 @@ class _Run:
     plan: AdapterPlan | None = None
     baseline: Baseline | None = None
     loaded_here: bool = False
+    #: a loaded adapter that was promoted stays served (the promoted set serves it)
+    keep_loaded: bool = False
     phase: str = ""
 
     @property
@@ -476,6 +478,7 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
     t_total = time.monotonic()
     contract_set = load_contracts(_required(options.contracts, "adapters file: pass --contracts FILE"))
     contract = contract_set[options.adapter]
+    check_usage(options, contract)
     run = _Run(
         options=options, endpoint=eng.normalize_endpoint(options.endpoint), contract_set=contract_set,
         contract=contract,
@@ -486,6 +489,42 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
         admin_key=eng.key_from_env(options.admin_key, eng.ADMIN_KEY_ENV),
         progress=_Progress(options.adapter, quiet),
     )
+    try:
+        return _gate_and_report(run, options, started_at, t_total)
+    except BaseException:
+        # whatever stops the run (a bad prompts file, an unwritable report, an interrupt while
+        # reporting), an adapter the gate loaded does not stay served
+        if run.loaded_here and not run.keep_loaded:
+            _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
+        raise
+
+
+def check_usage(options: GateOptions, contract: Contract) -> None:
+    """Mistakes of the command itself, found before anything touches the engine: each raises
+    :class:`UsageError` (exit 2), never a verdict, so a CI script can tell a bad command from a
+    bad adapter."""
+    if options.max_lora_rank is None:
+        raise UsageError(f"the engine's --max-lora-rank is not known ({options.max_lora_rank_source}): pass "
+                         "--max-lora-rank N, the value vllm serve runs with")
+    for flag, value in (("--engine-url", options.engine_url), ("--engine-adapter-path", options.engine_adapter_path)):
+        if value and not options.load_into_engine:
+            raise UsageError(f"{flag} is for --load-into-engine, which was not given")
+    if options.load_into_engine:
+        return
+    try:
+        models = eng.fetch_models(eng.normalize_endpoint(options.endpoint),
+                                  eng.key_from_env(options.api_key, eng.API_KEY_ENV))
+    except eng.EndpointError:
+        return  # an unreachable endpoint is the preflight's to report (and a REJECT: fail closed)
+    if models.get(contract.name) is None:
+        names = ", ".join(m.id for m in models.adapters) or "none"
+        raise UsageError(f"{options.endpoint} does not serve adapter {contract.name!r} (it serves: {names}); "
+                         "pass --load-into-engine to load it from its contract's path for this run, or serve it")
+
+
+def _gate_and_report(run: _Run, options: GateOptions, started_at: str, t_total: float) -> GateResult:
+    """The phases, the verdict, the reports and the promotion of one gate run."""
+    contract, contract_set = run.contract, run.contract_set
     interrupted = False
     with sigterm_as_interrupt():
         try:
@@ -513,12 +552,7 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
         probe_source=run.plan.probe_source if run.plan else None, checks=run.checks, timings=run.timings,
         folder=run.folder)
     exit_code = EXIT_PROMOTE if verdict == VERDICT_PROMOTE else (EXIT_INTERRUPTED if interrupted else EXIT_REJECT)
-    try:
-        _write_reports(report, run.folder)
-    except LoragateError:
-        if run.loaded_here:
-            _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
-        raise
+    _write_reports(report, run.folder)
     run.timings["report"] = round(time.monotonic() - t_report, 2)
 
     promotion = None
@@ -529,9 +563,11 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
             exit_code = 2
         report["promotion"] = promotion
         _write_reports(report, run.folder)  # the report now names the record (or the failure)
-    if run.loaded_here and not (promotion and promotion.get("record")):
+    run.keep_loaded = bool(promotion and promotion.get("record"))
+    if run.loaded_here and not run.keep_loaded:
         # Loaded for this run only: an adapter that was not promoted is not left serving.
         _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
+        run.loaded_here = False
     return GateResult(adapter=contract.name, verdict=verdict, reasons=reasons, notes=notes, checks=run.checks,
                       timings=run.timings, report_dir=run.folder, report=report, exit_code=exit_code,
                       promotion=promotion, interrupted=interrupted)
