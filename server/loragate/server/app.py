@@ -248,6 +248,10 @@ class ProxyApp:
         self._loop = asyncio.get_running_loop()
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
         self.names = AdapterNames(self._contracts, self.upstream)
+        # Every contract's series exist from the start, at 0: a rule or dashboard sees an adapter
+        # the proxy judges before its first request, and an alert on its rates can be evaluated.
+        for contract in self._contracts or ():
+            self.metrics.init_adapter(contract.name, contract.expects_json)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
         self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
         # What start-up built lives as long as the process: out of the collector's sight, an
