@@ -359,3 +359,192 @@ def test_mixed_formats_and_non_matching_lines_exit_2(tmp_path: Path, demo_tokeni
     no_assistant = write_jsonl(tmp_path / "no_assistant.jsonl", [{"messages": [{"role": "user", "content": "u"}]}])
     with pytest.raises(DataCheckError, match=r"no_assistant.jsonl:1: it has no assistant turn"):
         read_data(no_assistant)
+
+
+# --------------------------------------------------------------------------- contracts
+# ``--contracts FILE --adapter NAME``: the targets judged with the gate's judging. Contracts are
+# written in tmp_path; the demo build's own data and adapters file are read, never changed.
+
+LAYOUT_SCHEMA = {
+    "type": "object", "required": ["title", "panels"], "additionalProperties": False,
+    "properties": {"title": {"type": "string", "minLength": 1},
+                   "panels": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+}
+
+
+@pytest.fixture()
+def contracts_file(tmp_path: Path) -> Path:
+    """A JSON adapter (json_validity 0.9, the default), a strict one (0.99), a text one and a chat one."""
+    import yaml
+
+    doc = {
+        "base_model": "loragate-demo-base",
+        "adapters": {
+            "layout": {"output": "json", "json_schema": LAYOUT_SCHEMA, "prompt_template": "Paper: {input}\nLayout:\n"},
+            "layout-strict": {"output": "json", "json_schema": LAYOUT_SCHEMA,
+                              "thresholds": {"json_validity": 0.99}},
+            "notes": {"output": "text"},
+            "chat-layout": {"api": "chat", "output": "json", "json_schema": LAYOUT_SCHEMA},
+        },
+    }
+    path = tmp_path / "adapters.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def layout(i: int, **extra: object) -> str:
+    return json.dumps({"title": f"Paper {i}", "panels": ["Method", "Results"], **extra})
+
+
+def completions(tmp_path: Path, name: str, targets: list[str]) -> Path:
+    return write_jsonl(tmp_path / name, [{"prompt": f"Paper: title {i}\nLayout:\n", "completion": t}
+                                         for i, t in enumerate(targets)])
+
+
+@pytest.fixture(scope="module")
+def demo_build_dir(demo_tokenizer: Path) -> Path:
+    """The demo build folder (training data, adapters/adapters.yaml), read-only."""
+    return demo_tokenizer.parent
+
+
+def test_contract_empty_targets_are_flagged(tmp_path: Path, demo_tokenizer: Path, contracts_file: Path) -> None:
+    # The report's case: every target empty, every example "fits".
+    data = completions(tmp_path, "empty.jsonl", [""] * 12)
+    proc = run_cli("--data", str(data), "--tokenizer", str(demo_tokenizer), "--max-seq-length", "512",
+                   "--contracts", str(contracts_file), "--adapter", "layout")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "OK: every target fits." in proc.stdout  # the lengths alone pass
+    assert "    empty:                       12 of 12 (first at line 1)" in proc.stdout
+    assert "    valid JSON, schema included: 0 of 12" in proc.stdout
+    assert "PROBLEM: 12 of 12 targets are empty (first at line 1)" in proc.stdout
+    # One empty target among valid ones fails too, though 19 of 20 valid clears json_validity 0.9.
+    one = completions(tmp_path, "one_empty.jsonl", [layout(i) for i in range(19)] + ["  \n"])
+    result = check_data(one, demo_tokenizer, 512, contracts=contracts_file, adapter="layout")
+    t = result.targets
+    assert t is not None and result.fits and not result.ok
+    assert (t.total, t.empty, t.valid, t.not_json, t.first_lines) == (20, 1, 19, 0, {"empty": 20})
+    assert t.json_validity == 0.95 and t.json_validity_floor == 0.9
+    assert [p.split(" (")[0] for p in t.problems] == ["1 of 20 targets are empty"]
+    # A text adapter's targets: only empty ones are counted.
+    text = check_data(one, demo_tokenizer, 512, contracts=contracts_file, adapter="notes").targets
+    assert text is not None and (text.empty, text.valid, text.schema_mismatch, text.ok) == (1, None, None, False)
+    assert "valid JSON" not in "\n".join(text.summary_lines())
+    assert check_data(completions(tmp_path, "words.jsonl", ["a note", "another"]), demo_tokenizer, 512,
+                      contracts=contracts_file, adapter="notes").ok
+
+
+def test_contract_schema_drift_is_flagged_with_its_error(tmp_path: Path, demo_tokenizer: Path,
+                                                         contracts_file: Path) -> None:
+    # Valid JSON, but the schema's "panels" renamed "blocks" in every target.
+    drift = [json.dumps({"title": f"Paper {i}", "blocks": ["Method"]}) for i in range(10)]
+    data = completions(tmp_path, "drift.jsonl", drift)
+    proc = run_cli("--data", str(data), "--tokenizer", str(demo_tokenizer), "--max-seq-length", "512",
+                   "--contracts", str(contracts_file), "--adapter", "layout", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    t = report["targets"]
+    assert (report["fits"], report["ok"], t["ok"]) == (True, False, False)
+    assert (t["total"], t["valid"], t["schema_mismatch"], t["empty"], t["not_json"]) == (10, 0, 10, 0, 0)
+    assert t["json_validity"] == 0.0 and t["first_lines"] == {"schema_mismatch": 1}
+    assert "'blocks' was unexpected" in t["schema_error"]
+    assert t["problems"] == [("0 of 10 targets are valid JSON (0.0%), below the contract's json_validity 0.9: "
+                              "the adapter learns to write what the gate rejects")]
+    # One drifted target of 20: 95% valid clears the default 0.9 but not a 0.99 bar.
+    mixed = completions(tmp_path, "mixed.jsonl", [layout(i) for i in range(19)] + [layout(19, blocks=[])])
+    default = check_data(mixed, demo_tokenizer, 512, contracts=contracts_file, adapter="layout")
+    assert default.ok and default.targets is not None
+    assert (default.targets.valid, default.targets.schema_mismatch, default.targets.first_lines) == \
+        (19, 1, {"schema_mismatch": 20})
+    assert "schema mismatch:             1 of 20 (first at line 20); first error: (root): Additional properties " \
+           "are not allowed ('blocks' was unexpected)" in default.summary()
+    assert default.summary().endswith("OK: no target is empty; 19 of 20 targets are valid JSON (95.0%), at least "
+                                      "the contract's json_validity 0.9.")
+    strict = check_data(mixed, demo_tokenizer, 512, contracts=contracts_file, adapter="layout-strict")
+    assert not strict.ok and strict.fits
+    assert strict.targets is not None and strict.targets.problems[0].startswith("19 of 20 targets are valid JSON")
+
+
+def test_contract_fenced_and_chatty_targets_are_flagged(tmp_path: Path, demo_tokenizer: Path,
+                                                        contracts_file: Path) -> None:
+    targets = [
+        layout(0), layout(1), layout(2),                                       # valid
+        "```json\n" + layout(3) + "\n```", "```\n" + layout(4) + "\n```",      # fenced
+        "```json\n{\"title\": \"cut",                                     # fenced, and cut
+        layout(6) + "\nThis layout puts the method first.",                    # text after the JSON
+        layout(7) + "\n" + layout(7),                                          # two documents
+        "Sure! Here is the layout:\n" + layout(8),                             # chatty preamble
+        "I cannot lay out this paper.",                                        # not JSON at all
+    ]
+    data = completions(tmp_path, "chatty.jsonl", targets)
+    result = check_data(data, demo_tokenizer, 512, contracts=contracts_file, adapter="layout")
+    t = result.targets
+    assert t is not None
+    assert (t.valid, t.fenced, t.text_around_json, t.not_json, t.schema_mismatch, t.empty) == (3, 3, 3, 1, 0, 0)
+    assert t.first_lines == {"fenced": 4, "text_around_json": 7, "not_json": 10}
+    assert t.json_validity == 0.3 and not result.ok and result.fits
+    out = result.summary()
+    assert "    in a ``` code fence:         3 of 10 (first at line 4)" in out
+    assert "    JSON with text around it:    3 of 10 (first at line 7)" in out
+    assert "    not JSON:                    1 of 10 (first at line 10)" in out
+    assert out.endswith("PROBLEM: 3 of 10 targets are valid JSON (30.0%), below the contract's json_validity 0.9: "
+                        "the adapter learns to write what the gate rejects.")
+
+
+def test_contract_good_demo_data_passes(tmp_path: Path, demo_build_dir: Path) -> None:
+    """The demo's own training data against the demo's own contracts: every target valid."""
+    adapters = demo_build_dir / "adapters" / "adapters.yaml"
+    lines = (demo_build_dir / "train.jsonl").read_text().splitlines()[:40]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    proc = run_cli("--data", str(data), "--tokenizer", str(demo_build_dir / "base"), "--max-seq-length", "512",
+                   "--contracts", str(adapters), "--adapter", "poster-good")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"contract: poster-good (output json, api completions) in {adapters.resolve()}" in proc.stdout
+    assert "    valid JSON, schema included: 40 of 40" in proc.stdout
+    assert proc.stdout.rstrip().endswith("OK: no target is empty; 40 of 40 targets are valid JSON (100.0%), at least "
+                                         "the contract's json_validity 0.9.")
+    # The chat adapter's conversations (few-shot turns before the last): the last turn is the target.
+    chat_lines = (demo_build_dir / "train_chat.jsonl").read_text().splitlines()[:20]
+    chat = tmp_path / "train_chat.jsonl"
+    chat.write_text("\n".join(chat_lines) + "\n")
+    result = check_data(chat, demo_build_dir / "base", 512, contracts=adapters, adapter="chat-good")
+    assert result.ok and result.targets is not None
+    assert (result.format, result.targets.total, result.targets.valid) == ("messages", 20, 20)
+    assert "note:" not in result.summary()
+    # The same conversations against the completions adapter: a note, not a failure.
+    other = check_data(chat, demo_build_dir / "base", 512, contracts=adapters, adapter="poster-good")
+    assert other.ok and "note: the contract serves poster-good through /v1/completions" in other.summary()
+
+
+def test_contract_judges_the_last_assistant_turn(tmp_path: Path, chat_tokenizer: Path, contracts_file: Path) -> None:
+    def conversation(last: object) -> dict:
+        return {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": layout(0)},
+                             {"role": "user", "content": "two"}, {"role": "assistant", "content": last}]}
+
+    rows = [conversation(layout(1)),
+            conversation("```json\n" + layout(2) + "\n```"),                   # a good few-shot turn does not count
+            conversation([{"type": "text", "text": layout(3)}]),               # content as a list of parts
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = check_data(data, chat_tokenizer, 512, contracts=contracts_file, adapter="chat-layout")
+    t = result.targets
+    assert t is not None and t.api == "chat"
+    assert (t.total, t.valid, t.fenced, t.empty) == (4, 2, 1, 1)
+    assert t.first_lines == {"fenced": 2, "empty": 4} and not result.ok
+
+
+def test_contract_options_go_together_and_name_known_adapters(tmp_path: Path, demo_tokenizer: Path,
+                                                              contracts_file: Path) -> None:
+    data = completions(tmp_path, "good.jsonl", [layout(i) for i in range(3)])
+    base = ("--data", str(data), "--tokenizer", str(demo_tokenizer), "--max-seq-length", "512")
+    proc = run_cli(*base, "--contracts", str(contracts_file))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--contracts needs --adapter NAME" in proc.stderr and not proc.stdout
+    proc = run_cli(*base, "--adapter", "layout")
+    assert proc.returncode == 2 and "--adapter needs --contracts FILE" in proc.stderr
+    proc = run_cli(*base, "--contracts", str(contracts_file), "--adapter", "poster")
+    assert proc.returncode == 2
+    assert "adapter 'poster' has no contract" in proc.stderr
+    assert "known adapters: chat-layout, layout, layout-strict, notes" in proc.stderr
+    with pytest.raises(DataCheckError, match="pass both or neither"):
+        check_data(data, demo_tokenizer, 512, contracts=contracts_file)

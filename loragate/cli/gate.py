@@ -2,7 +2,10 @@
 
 ``gate`` exits 0 on PROMOTE, 1 on REJECT, 130 when interrupted (a REJECT), 2 when it could not
 run (bad contracts, a report folder that cannot be written, ``--load`` without the load test).
-``check-data`` exits 0 when every target fits, 1 when some would be cut, 2 on bad input.
+``check-data`` exits 0 when every target fits (and, with ``--contracts``/``--adapter``, no
+target is empty and the share of targets judged valid JSON meets the contract's
+``json_validity``), 1 when some would be cut (or a contract bar fails on the targets), 2 on bad
+input (an unreadable file, bad contracts, an unknown adapter, one of the two options alone).
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ def _configure_check_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing", action="store_true",
                    help="also count what packing does: examples concatenated, each followed by EOS, cut into "
                         "windows of max_seq_length")
+    p.add_argument("--contracts", type=Path, metavar="FILE",
+                   help="adapters file (with --adapter): also judge every target with the gate's judging, as if "
+                        "the adapter wrote it and stopped; exit 1 when a target is empty or, for JSON output, "
+                        "the share of valid targets is below the contract's json_validity")
+    p.add_argument("--adapter", metavar="NAME", help="the adapter (with --contracts) whose contract judges the targets")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -103,7 +111,8 @@ def _check_data(args: argparse.Namespace) -> int:
 
     result = check_data(args.data, args.tokenizer, args.max_seq_length, prompt_field=args.prompt_field,
                         completion_field=args.completion_field, add_eos=not args.no_eos,
-                        format=args.format, packing=args.packing)
+                        format=args.format, packing=args.packing, contracts=args.contracts,
+                        adapter=args.adapter)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1
 

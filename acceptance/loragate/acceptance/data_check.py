@@ -34,16 +34,25 @@ Counts reported:
 
 Lengths (min/p50/p95/max): prompt (tokens before the first target), completion (target
 tokens, EOS excluded for the string formats) and whole example.
+
+With an adapter's contract (``--contracts FILE --adapter NAME``), each example's target text
+(the completion or ``output``; for the conversational formats the last assistant turn's
+content) is also judged with the gate's judging (:mod:`loragate.acceptance.target_check`):
+empty targets, and for JSON output valid / schema mismatch / fenced / text around the JSON /
+not JSON; ``ok`` then also needs no empty target and the valid share at least the contract's
+``json_validity``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loragate.acceptance.target_check import TargetCounts, judge_targets
+from loragate.core.contracts import load_contracts
 from loragate.core.errors import LoragateError
 from loragate.core.jsonl import read_objects
 from loragate.core.stats import percentile
@@ -140,11 +149,18 @@ class DataCheckResult:
     needed_max_seq_length: int = 0
     conversation: ConversationCounts | None = None
     packing: PackingCounts | None = None
+    #: The targets judged against an adapter's contract (``--contracts``/``--adapter``), else None.
+    targets: TargetCounts | None = None
+
+    @property
+    def fits(self) -> bool:
+        """No example has any part of its target (EOS included) cut."""
+        return self.target_cut == 0
 
     @property
     def ok(self) -> bool:
-        """No example has any part of its target (EOS included) cut."""
-        return self.target_cut == 0
+        """Every target fits and, when judged against a contract, its bars hold (the exit status)."""
+        return self.fits and (self.targets is None or self.targets.ok)
 
     @property
     def conversational(self) -> bool:
@@ -157,7 +173,7 @@ class DataCheckResult:
         return {
             "source": self.source, "max_seq_length": self.max_seq_length, "total": self.total,
             "fit": self.fit, "target_cut": self.target_cut, "target_fully_cut": self.target_fully_cut,
-            "eos_only_cut": self.eos_only_cut, "ok": self.ok,
+            "eos_only_cut": self.eos_only_cut, "ok": self.ok, "fits": self.fits,
             "prompt_tokens": self.prompt_tokens.to_dict(),
             "completion_tokens": self.completion_tokens.to_dict(),
             "example_tokens": self.example_tokens.to_dict(),
@@ -167,6 +183,7 @@ class DataCheckResult:
             "needed_max_seq_length": self.needed_max_seq_length,
             "conversation": self.conversation.to_dict() if self.conversation else None,
             "packing": self.packing.to_dict() if self.packing else None,
+            "targets": self.targets.to_dict() if self.targets else None,
         }
 
     def summary(self) -> str:
@@ -207,13 +224,24 @@ class DataCheckResult:
         if c is not None and c.last_turn_without_eos:
             lines.append(f"note: in {c.last_turn_without_eos} of {self.total} examples the chat template writes no "
                          f"EOS in the last assistant turn: only its end-of-turn token can teach the adapter to stop.")
-        if self.ok:
+        t = self.targets
+        if t is not None:
+            lines += t.summary_lines()
+            if t.api == "chat" and not self.conversational:
+                lines.append(f"note: the contract serves {t.adapter} through /v1/chat/completions (api: chat), "
+                             f"but the data is {self.format}: a chat adapter is trained on conversations.")
+            elif t.api != "chat" and self.conversational:
+                lines.append(f"note: the contract serves {t.adapter} through /v1/completions with its "
+                             f"prompt_template, but the data is {self.format} (conversations).")
+        if self.fits:
             lines.append("OK: every target fits.")
         else:
             where = ", ".join(map(str, self.first_cut_lines))
             lines.append(f"PROBLEM: {self.fit} of {self.total} fit; {self.target_cut} examples would have their "
                          f"target cut (first at line(s) {where}); raise max_seq_length to at least "
                          f"{self.needed_max_seq_length} or shorten the examples.")
+        if t is not None:
+            lines.append(t.verdict_line())
         return "\n".join(lines)
 
 
@@ -361,6 +389,34 @@ def _row(fmt: str, number: int, where: str, record: dict[str, Any], prompt_field
     if record.get("tools") is not None:
         template_kwargs["tools"] = record["tools"]
     return (number, messages, first_target, template_kwargs)
+
+
+def target_texts(dataset: DataFile) -> list[tuple[int, str]]:
+    """``(line, target text)`` of every example: what the adapter is trained to write.
+
+    The completion (``output`` for Alpaca) of the string formats, without the EOS a trainer
+    appends; for the conversational formats the content of the last assistant turn (the one an
+    example's fit is judged on), text parts joined when the content is a list of parts.
+    """
+    if dataset.format not in CONVERSATIONAL:
+        return [(row[0], row[2]) for row in dataset.rows]
+    texts = []
+    for row in dataset.rows:
+        line, messages, first_target = row[0], row[1], row[2]
+        last = [m for m in messages[first_target:] if m["role"] == "assistant"][-1]
+        texts.append((line, _content_text(last.get("content"))))
+    return texts
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: a string as it is, a list of parts as its text parts joined, else empty."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part if isinstance(part, str) else str(part.get("text") or "")
+                       for part in content if isinstance(part, str) or
+                       (isinstance(part, dict) and part.get("type", "text") == "text"))
+    return ""
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -564,16 +620,29 @@ def _check_length(max_seq_length: int) -> None:
 
 def check_data(data: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], max_seq_length: int, *,
                prompt_field: str = "prompt", completion_field: str = "completion",
-               add_eos: bool = True, format: str | None = None, packing: bool = False) -> DataCheckResult:
-    """Read a JSONL of examples (``format`` or detected) and count what fits ``max_seq_length``."""
+               add_eos: bool = True, format: str | None = None, packing: bool = False,
+               contracts: str | os.PathLike[str] | None = None, adapter: str | None = None) -> DataCheckResult:
+    """Read a JSONL of examples (``format`` or detected) and count what fits ``max_seq_length``;
+    with ``contracts`` and ``adapter`` (both or neither) also judge the targets against that
+    adapter's contract."""
     _check_length(max_seq_length)
+    if (contracts is None) != (adapter is None):
+        given, missing = ("--contracts", "--adapter NAME") if adapter is None else ("--adapter", "--contracts FILE")
+        raise DataCheckError(f"{given} needs {missing}: the targets are judged against one adapter's contract "
+                             "in an adapters file; pass both or neither")
+    contract_set = load_contracts(contracts) if contracts is not None else None
+    contract = contract_set[adapter] if contract_set is not None and adapter is not None else None
     dataset = read_data(data, format, prompt_field=prompt_field, completion_field=completion_field)
     tokenizer = load_tokenizer(tokenizer_dir)
     if dataset.format in CONVERSATIONAL:
-        return check_conversations(dataset.rows, tokenizer, max_seq_length, source=str(data), format=dataset.format,
-                                   format_origin=dataset.origin, packing=packing)
-    return check_examples(dataset.rows, tokenizer, max_seq_length, add_eos=add_eos, source=str(data),
-                          format=dataset.format, format_origin=dataset.origin, packing=packing)
+        result = check_conversations(dataset.rows, tokenizer, max_seq_length, source=str(data),
+                                     format=dataset.format, format_origin=dataset.origin, packing=packing)
+    else:
+        result = check_examples(dataset.rows, tokenizer, max_seq_length, add_eos=add_eos, source=str(data),
+                                format=dataset.format, format_origin=dataset.origin, packing=packing)
+    if contract_set is None or contract is None:
+        return result
+    return replace(result, targets=judge_targets(target_texts(dataset), contract, contracts=str(contract_set.source)))
 
 
 def _pct(ordered: Sequence[int], q: float) -> float:
