@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loragate.acceptance import report as rep
-from loragate.acceptance.checks import evaluate, failed_sample, judge_sample, rate
+from loragate.acceptance.checks import SCHEMA_ERROR_KEEP, evaluate, failed_sample, judge_sample, rate
 from loragate.acceptance.gate import decide
 from loragate.acceptance.plan import (
     AdapterPlan,
@@ -24,7 +24,7 @@ from loragate.acceptance.plan import (
 )
 from loragate.acceptance.prompts import PromptRecord, PromptsError, read_prompts
 from loragate.acceptance.results import CheckResult
-from loragate.acceptance.runner import FORBIDDEN_FIELDS, request_body
+from loragate.acceptance.runner import FORBIDDEN_FIELDS, read_samples, request_body
 from loragate.core.contracts import Contract, Thresholds
 from loragate.demo import data
 from loragate.demo.lengthen import DemoPaperLengthener, is_demo_paper, parse_demo_paper
@@ -200,13 +200,15 @@ def _failed(id_: str, summary: str, measured: dict | None = None) -> CheckResult
 
 def test_reasons_name_the_root_cause_first() -> None:
     # An adapter that writes the answer and never stops: stop rate first.
-    runs_on = [_failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid": 35}),
-               _failed("probe-600.stop_rate", "probe stop"), _failed("greedy.stop_rate", "stop rate")]
+    runs_on = [_failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid_cut": 35}),
+               _failed("probe-600.stop_rate", "probe stop"), _failed("greedy.stop_rate", "stop rate"),
+               _failed("regression.json_validity", "JSON regression"), _failed("regression.stop_rate", "stop regression")]
     verdict, reasons, _ = decide(runs_on)
     assert verdict == "REJECT" and reasons[0] == "stop rate" and reasons[1] == "JSON validity"
+    assert reasons[-2:] == ["stop regression", "JSON regression"]  # the greedy run's outputs decide their order too
     # An adapter that writes prose: JSON validity first.
     prose = [_failed("greedy.stop_rate", "stop rate"),
-             _failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid": 0})]
+             _failed("greedy.json_validity", "JSON validity", {"n": 35, "successes": 0, "prefix_json_valid_cut": 0})]
     assert decide(prose)[1][0] == "JSON validity"
     static = CheckResult(id="static.lora_rank", phase="static", name="LoRA rank", passed=False, gating=True,
                          summary="LoRA rank")
@@ -215,6 +217,117 @@ def test_reasons_name_the_root_cause_first() -> None:
     info = CheckResult(id="probe-3920.stop_rate", phase="suite", name="s", passed=True, gating=False, summary="i")
     assert decide([ok, info])[0] == "PROMOTE"
     assert decide([])[0] == "REJECT"
+
+
+BLOCKS = "(root): Additional properties are not allowed ('blocks' was unexpected)"
+COLUMN = "panels/0/column: 7 is greater than the maximum of 3"
+NO_THEME = "(root): 'theme' is a required property"
+
+
+def _layout(**changes) -> str:
+    layout = {**json.loads(VALID), **changes}
+    return json.dumps({k: v for k, v in layout.items() if v is not None})
+
+
+def test_a_sample_keeps_its_first_schema_error_through_the_samples_file(tmp_path: Path) -> None:
+    mismatch = _sample("greedy", 0, _layout(blocks=[{"text": "x"}]), "stop")
+    assert mismatch.json_result == "schema_mismatch" and mismatch.schema_error == BLOCKS
+    assert _sample("greedy", 1, VALID, "stop").schema_error is None
+    assert _sample("greedy", 2, "not JSON", "stop").schema_error is None  # invalid, not a schema mismatch
+    assert failed_sample(adapter="poster", run="greedy", index=3, model="poster", error="HTTP 500").schema_error is None
+    # jsonschema quotes the offending value: a long one is cut in the middle, the verdict on it kept
+    huge = _sample("greedy", 4, _layout(theme="x" * 2000), "stop").schema_error
+    assert huge is not None and len(huge) == SCHEMA_ERROR_KEEP
+    assert huge.startswith("theme: 'xxx") and " ... " in huge
+    assert huge.endswith("is not one of ['light', 'dark', 'contrast']")
+    samples_file = tmp_path / "samples.jsonl"
+    samples_file.write_text(json.dumps(mismatch.to_dict()) + "\n")
+    assert json.loads(samples_file.read_text())["schema_error"] == BLOCKS
+    assert read_samples(samples_file) == [mismatch]
+
+
+def test_json_validity_names_the_most_frequent_schema_errors() -> None:
+    spec = CheckSpec("greedy.json_validity", "greedy", "json_validity", "floor", 0.9, True)
+    plan = _plan({"greedy": 35}, [spec])
+    texts = ([_layout(blocks=[1])] * 30 + [_layout(panels=[{"heading": "M", "column": 7}])] * 3
+             + [_layout(theme=None), _layout(extra=1)])
+    result = evaluate(spec, plan, {"greedy": [_sample("greedy", i, t, "stop") for i, t in enumerate(texts)]})
+    assert not result.passed
+    assert result.measured["schema_errors"] == [
+        {"error": BLOCKS, "count": 30}, {"error": COLUMN, "count": 3}, {"error": NO_THEME, "count": 1}]
+    assert result.summary.startswith("JSON validity (greedy): 0/35 = 0.0%")
+    assert result.summary.endswith(f"NOT met; most frequent schema error: {BLOCKS} (30 of 35 outputs)")
+    assert decide([result])[1] == [result.summary]  # the reason names it too
+    # no schema mismatch: nothing to name
+    clean = evaluate(spec, plan, {"greedy": [_sample("greedy", i, VALID, "stop") for i in range(35)]})
+    assert clean.passed and clean.measured["schema_errors"] == [] and "schema error" not in clean.summary
+
+
+def test_valid_json_then_text_is_told_apart_from_not_stopping() -> None:
+    spec = CheckSpec("greedy.json_validity", "greedy", "json_validity", "floor", 0.9, True)
+    plan = _plan({"greedy": 35}, [spec])
+    run_on = [_sample("greedy", i, VALID + "\n### Layout:\n{", "length", 160) for i in range(35)]
+    chatty = [_sample("greedy", i, VALID + "\nHope this layout helps!", "stop") for i in range(35)]
+    assert all(s.prefix_json_valid for s in run_on + chatty)
+
+    cut = evaluate(spec, plan, {"greedy": run_on})
+    assert cut.detail == ("35 of 35 invalid outputs begin with a valid answer and then run on until cut at the "
+                          "length limit: they would be valid had the adapter stopped")
+    assert (cut.measured["prefix_json_valid_cut"], cut.measured["prefix_json_valid_stopped"]) == (35, 0)
+
+    stopped = evaluate(spec, plan, {"greedy": chatty})
+    assert stopped.detail == ("valid JSON followed by other text in 35 of 35 invalid outputs: the adapter stopped, "
+                              "but not right after its answer")
+    assert "had the adapter stopped" not in stopped.detail
+    assert (stopped.measured["prefix_json_valid_cut"], stopped.measured["prefix_json_valid_stopped"]) == (0, 35)
+
+    mixed = evaluate(spec, plan, {"greedy": run_on[:15] + chatty[15:]})
+    assert mixed.detail.startswith("15 of 35 invalid outputs begin with a valid answer and then run on")
+    assert "valid JSON followed by other text in 20 of 35 invalid outputs" in mixed.detail
+    # Most of its invalid outputs stopped: the format, not stopping, is the root cause.
+    stop_spec = CheckSpec("greedy.stop_rate", "greedy", "stop_rate", "floor", 0.9, True)
+    stop = evaluate(stop_spec, plan, {"greedy": run_on[:15] + chatty[15:]})
+    assert not stop.passed
+    assert [r.split(":")[0] for r in decide([stop, mixed])[1]] == ["JSON validity (greedy)", "stop rate (greedy)"]
+
+
+def test_empty_output_is_named_before_stopping_and_format() -> None:
+    checks_ = [CheckSpec("greedy.stop_rate", "greedy", "stop_rate", "floor", 0.9, True),
+               CheckSpec("greedy.json_validity", "greedy", "json_validity", "floor", 0.9, True),
+               CheckSpec("greedy.runaway_rate", "greedy", "runaway_rate", "ceiling", 0.1, True),
+               CheckSpec("all.non_empty", "all", "non_empty", "floor", 0.95, True, runs=("greedy",))]
+    plan = _plan({"greedy": 35}, checks_)
+    # 31 empty answers that stop at once, 4 that run on: every rate check fails
+    samples = {"greedy": [_sample("greedy", i, "", "stop", 0) for i in range(31)]
+               + [_sample("greedy", i, VALID + " more", "length", 160) for i in range(31, 35)]}
+    results = [evaluate(spec, plan, samples) for spec in checks_]
+    assert not any(r.passed for r in results)
+    reasons = decide(results)[1]
+    assert reasons[0].startswith("non-empty outputs (every request of the adapter): 4/35 = 11.4%")
+    assert [r.split(" (")[0] for r in reasons] == ["non-empty outputs", "JSON validity", "stop rate", "runaway share"]
+    # engine refusals and static facts still come first; suite failures keep their root-cause order
+    engine = _failed("suite.engine_answers", "engine answered")
+    static = CheckResult(id="static.lora_rank", phase="static", name="LoRA rank", passed=False, gating=True,
+                         summary="LoRA rank")
+    probe = _failed("probe-600.stop_rate", "probe stop")
+    regression = _failed("regression.stop_rate", "regression")
+    empty, json_check, stop = _failed("all.non_empty", "empty"), _failed("greedy.json_validity", "json"), \
+        _failed("greedy.stop_rate", "stop")
+    ordered = decide([regression, probe, json_check, stop, empty, engine, static])[1]
+    assert ordered == ["LoRA rank", "engine answered", "empty", "json", "stop", "probe stop", "regression"]
+
+
+def test_a_failure_only_on_long_inputs_is_named_as_such() -> None:
+    def check(id_: str, passed: bool) -> CheckResult:
+        return CheckResult(id=id_, phase="suite", name="stop rate", passed=passed, gating=True, summary=id_)
+
+    long_only = decide([check("greedy.stop_rate", True), check("sampled.stop_rate", True),
+                        check("probe-600.stop_rate", False), check("greedy.json_validity", False)])[1]
+    assert long_only == ["greedy.json_validity", ("probe-600.stop_rate; fails only on long inputs: "
+                                                  "greedy.stop_rate and sampled.stop_rate passed on the held-out prompts")]
+    everywhere = decide([check("greedy.stop_rate", False), check("sampled.stop_rate", True),
+                         check("probe-600.stop_rate", False)])[1]
+    assert everywhere == ["greedy.stop_rate", "probe-600.stop_rate"]
 
 
 # --------------------------------------------------------------------------- reports
@@ -267,6 +380,22 @@ def test_terminal_table_lists_checks_and_reasons() -> None:
     table = rep.terminal_table(_report())
     assert "FAIL greedy.stop_rate" in table and "0/35 = 0% [0%-10%]" in table
     assert "WARN static.pad_eos" in table and "VERDICT poster: REJECT" in table and "  1. stop rate" in table
+
+
+def test_html_shows_a_checks_schema_errors_in_its_row() -> None:
+    report = _report()
+    errors = [{"error": BLOCKS, "count": 30}, {"error": "theme: 'x' is not one of ['light']", "count": 5}]
+    report["checks"].append(CheckResult(
+        id="greedy.json_validity", phase="suite", name="JSON validity", passed=False, gating=True,
+        summary=f"JSON validity (greedy): 0/35; most frequent schema error: {BLOCKS} (30 of 35 outputs)",
+        measured={"successes": 0, "n": 35, "rate": 0.0, "ci95_low": 0.0, "ci95_high": 0.099,
+                  "schema_errors": errors}).to_dict())
+    page = rep.to_html(report)
+    row = next(r for r in page.split("<tr>") if "greedy.json_validity" in r)
+    assert ("<li><code>(root): Additional properties are not allowed (&#x27;blocks&#x27; was unexpected)</code> "
+            "(30)</li>") in row
+    assert "<li><code>theme: &#x27;x&#x27; is not one of [&#x27;light&#x27;]</code> (5)</li>" in row
+    assert "schema errors" not in next(r for r in page.split("<tr>") if "greedy.stop_rate" in r)
 
 
 def test_suite_plan_round_trips(tmp_path: Path) -> None:

@@ -8,12 +8,17 @@ stayed clear of a runaway.
 
 Diagnosis (reported, not a second definition of validity): for a completion that is not valid
 JSON, ``prefix_json_valid`` says whether it *begins* with a document that the same judging
-finds valid, i.e. the answer was right and the adapter failed only to stop after it.
+finds valid, i.e. the answer was right and something followed it: when the completion was cut
+at the length limit (``finish_reason`` ``length``) the adapter did not stop after its answer;
+when it stopped, it wrote other text after the answer. ``schema_error`` keeps the judging's
+first schema error of a ``schema_mismatch`` completion; a JSON-validity check counts them
+(:data:`SCHEMA_ERRORS_KEEP` most frequent, ``measured["schema_errors"]``).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,6 +29,10 @@ from loragate.core.stats import Rate, meets_ceiling, meets_floor
 
 #: Characters of each completion kept in the samples file.
 TEXT_KEEP = 2000
+#: Characters of a schema error kept (jsonschema's message quotes the offending value, whatever its size).
+SCHEMA_ERROR_KEEP = 240
+#: Distinct schema errors a JSON-validity check reports, most frequent first.
+SCHEMA_ERRORS_KEEP = 3
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class Sample:
     runaway: bool
     context_cut: bool
     json_result: str | None
+    #: The first schema error (``"<path>: <message>"``), set only when ``json_result`` is ``schema_mismatch``.
+    schema_error: str | None
     prefix_json_valid: bool | None
     non_empty: bool
     expected_match: bool | None
@@ -91,16 +102,26 @@ def judge_sample(*, adapter: str, run: str, index: int, model: str, text: str, f
         runaway=judgement.length_cause is LengthCause.MAX_TOKENS,
         context_cut=judgement.length_cause is LengthCause.CONTEXT,
         json_result=judgement.json_result.value if judgement.json_result is not None else None,
+        schema_error=_clip(judgement.schema_error, SCHEMA_ERROR_KEEP),
         prefix_json_valid=prefix_valid, non_empty=bool(text.strip()), expected_match=match,
         latency_s=round(latency_s, 4),
     )
+
+
+def _clip(text: str | None, keep: int) -> str | None:
+    """``text`` cut to ``keep`` characters in its middle: a schema error's path and its verdict on
+    the value (``... is not one of [...]``) are at its ends."""
+    if text is None or len(text) <= keep:
+        return text
+    head = (keep - 5) // 2
+    return text[:head] + " ... " + text[len(text) - (keep - 5 - head):]
 
 
 def failed_sample(*, adapter: str, run: str, index: int, model: str, error: str, latency_s: float = 0.0) -> Sample:
     """A request that got no completion: a failure on every check."""
     return Sample(adapter=adapter, run=run, index=index, model=model, prompt_tokens=None, completion_tokens=None,
                   finish_reason=None, text="", error=error, stopped=False, runaway=True, context_cut=False,
-                  json_result=None, prefix_json_valid=None, non_empty=False, expected_match=None,
+                  json_result=None, schema_error=None, prefix_json_valid=None, non_empty=False, expected_match=None,
                   latency_s=round(latency_s, 4))
 
 
@@ -173,12 +194,10 @@ def evaluate(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequence[
     if measured["errors"]:
         problems.append(f"{measured['errors']} request(s) failed")
     detail = ""
+    schema_error = ""
     if spec.metric == "json_validity":
-        prefix = sum(1 for s in chosen if s.prefix_json_valid)
-        measured["prefix_json_valid"] = prefix
-        if prefix and r.successes < r.n:
-            detail = (f"{prefix} of {r.n - r.successes} invalid outputs begin with a valid answer and then "
-                      "run on: they would be valid had the adapter stopped")
+        detail = _valid_prefix_detail(chosen, r, measured)
+        schema_error = _schema_errors(chosen, r, measured)
     if spec.metric == "runaway_rate":
         measured["context_cut"] = sum(1 for s in chosen if s.context_cut)
 
@@ -198,12 +217,42 @@ def evaluate(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequence[
     else:
         passed = True
         summary = f"{spec.name} ({label}): {r.describe()} (reported, not gating)"
+    summary += schema_error
     if problems:
         summary += "; " + "; ".join(problems)
         if spec.gating:
             passed = False
     bar = None if spec.bar_kind == "report" else {"kind": spec.bar_kind, "value": spec.bar}
     return CheckResult(**base, passed=passed, summary=summary, detail=detail, measured=measured, bar=bar)
+
+
+def _valid_prefix_detail(chosen: Sequence[Sample], r: Rate, measured: dict[str, Any]) -> str:
+    """Invalid outputs that begin with a valid answer, by what followed it: a cut at the length
+    limit (the adapter did not stop) or other text before the adapter stopped."""
+    cut = sum(1 for s in chosen if s.prefix_json_valid and s.finish_reason == "length")
+    stopped = sum(1 for s in chosen if s.prefix_json_valid and s.stopped)
+    measured["prefix_json_valid_cut"] = cut
+    measured["prefix_json_valid_stopped"] = stopped
+    invalid = r.n - r.successes
+    parts = []
+    if cut:
+        parts.append(f"{cut} of {invalid} invalid outputs begin with a valid answer and then run on until cut at "
+                     "the length limit: they would be valid had the adapter stopped")
+    if stopped:
+        parts.append(f"valid JSON followed by other text in {stopped} of {invalid} invalid outputs: the adapter "
+                     "stopped, but not right after its answer")
+    return "; ".join(parts)
+
+
+def _schema_errors(chosen: Sequence[Sample], r: Rate, measured: dict[str, Any]) -> str:
+    """The most frequent schema errors into ``measured``; the summary's clause naming the first."""
+    counts = Counter(s.schema_error for s in chosen if s.schema_error)
+    top = counts.most_common(SCHEMA_ERRORS_KEEP)
+    measured["schema_errors"] = [{"error": error, "count": n} for error, n in top]
+    if not top:
+        return ""
+    error, n = top[0]
+    return f"; most frequent schema error: {error} ({n} of {r.n} outputs)"
 
 
 def _regression(spec: CheckSpec, plan: AdapterPlan, samples: Mapping[str, Sequence[Sample]],

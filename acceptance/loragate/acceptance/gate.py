@@ -288,33 +288,69 @@ def _engine_answers(samples: Sequence[Any]) -> CheckResult:
 # --------------------------------------------------------------------------- verdict
 
 
-def _order_key(check: CheckResult, checks: Sequence[CheckResult]) -> tuple:
-    """Root causes first: static, then greedy, sampled, probes, regression, the rest.
+#: Causes, in the order reasons name them: the gate could not run, the static facts of the
+#: adapter, the engine's refusals, then (suite) empty output, the outputs run by run (stopping,
+#: then format, unless the format is the root cause), the regression against the baseline.
+_PHASE_RANK = {"gate": 0, "static": 1, "suite": 2, "load": 3}
 
-    Within a run, a JSON-validity failure whose invalid outputs mostly *begin* with a valid
-    answer is a consequence of not stopping, so the stop rate is named first; otherwise the
-    format failure is the root cause and JSON validity comes first.
+
+def _cause_rank(run: str, metric: str) -> int:
+    if run == "suite":  # the engine's refusals, a suite that did not report every check
+        return 0
+    if metric == "non_empty":  # an empty answer fails every format check after it
+        return 1
+    if run in ("greedy", "sampled") or run.startswith("probe-"):
+        return 2
+    if run == "regression":
+        return 3
+    return 4
+
+
+def _order_key(check: CheckResult, checks: Sequence[CheckResult]) -> tuple:
+    """Root causes first (:func:`_cause_rank`); the adapter's runs greedy, sampled, then probes
+    by length.
+
+    Within a run the stop rate comes before JSON validity, unless the format is the root cause:
+    when most invalid outputs do not begin with a valid answer that was then cut at the length
+    limit, JSON validity is named first (for the regression checks: as on the greedy run they
+    compare).
     """
-    phase_rank = {"gate": 0, "static": 1, "suite": 2, "load": 3}[check.phase]
-    run = check.id.split(".", 1)[0]
-    run_rank = {"suite": 0, "greedy": 1, "sampled": 2, "regression": 4, "all": 5}.get(
-        run, 3 if run.startswith("probe-") else 6)
-    metric = check.id.split(".", 1)[-1]
+    run, _, metric = check.id.partition(".")
     json_first = True
-    json_check = next((c for c in checks if c.id == f"{run}.json_validity"), None)
+    outputs = "greedy" if run == "regression" else run
+    json_check = next((c for c in checks if c.id == f"{outputs}.json_validity"), None)
     if json_check is not None:
         m = json_check.measured
         invalid = (m.get("n") or 0) - (m.get("successes") or 0)
-        json_first = not (invalid and (m.get("prefix_json_valid") or 0) * 2 >= invalid)
+        json_first = not (invalid and (m.get("prefix_json_valid_cut") or 0) * 2 >= invalid)
     metric_rank = {"json_validity": 0 if json_first else 1, "stop_rate": 1 if json_first else 0}.get(metric, 2)
+    run_rank = {"greedy": 0, "sampled": 1}.get(run, 2)
     probe_len = int(run[len("probe-"):]) if run.startswith("probe-") and run[len("probe-"):].isdigit() else 0
-    return (phase_rank, run_rank, probe_len, metric_rank)
+    return (_PHASE_RANK[check.phase], _cause_rank(run, metric), run_rank, probe_len, metric_rank)
+
+
+def _long_inputs_only(check: CheckResult, checks: Sequence[CheckResult]) -> list[str]:
+    """For a failed long-context probe: the held-out runs' checks of the same metric, when every
+    one of them passed (the failure is then on long inputs only); else ``[]``."""
+    run, _, metric = check.id.partition(".")
+    if not run.startswith("probe-"):
+        return []
+    held_out = [c for c in checks if c.id in (f"greedy.{metric}", f"sampled.{metric}")]
+    return [c.id for c in held_out] if held_out and all(c.passed for c in held_out) else []
+
+
+def _reason(check: CheckResult, checks: Sequence[CheckResult]) -> str:
+    text = check.summary + (f" ({check.detail})" if check.detail else "")
+    passed_short = _long_inputs_only(check, checks)
+    if passed_short:
+        text += f"; fails only on long inputs: {' and '.join(passed_short)} passed on the held-out prompts"
+    return text
 
 
 def decide(checks: Sequence[CheckResult]) -> tuple[str, list[str], list[str]]:
     """``(verdict, reasons, notes)``: PROMOTE only when no gating check failed."""
     failed = sorted((c for c in checks if c.failed_gate), key=lambda c: _order_key(c, checks))
-    reasons = [c.summary + (f" ({c.detail})" if c.detail else "") for c in failed]
+    reasons = [_reason(c, checks) for c in failed]
     notes = [c.summary + (f" ({c.detail})" if c.detail else "") for c in checks if c.warning]
     if not checks:
         return VERDICT_REJECT, ["nothing was checked"], notes

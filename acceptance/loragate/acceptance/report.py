@@ -246,8 +246,17 @@ h1{font-size:20px;margin:0 0 8px}h2{font-size:16px;margin:24px 0 8px}
 .PROMOTE{background:#1b7f3b}.REJECT{background:#b3261e}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e5e7eb;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#f6f8fa}.FAIL{color:#b3261e;font-weight:700}.pass{color:#1b7f3b}.WARN{color:#8a5a00;font-weight:700}.info{color:#555}
-code{font-size:12px}.muted{color:#666}
+code{font-size:12px}.muted{color:#666}ul.errors{margin:2px 0;padding-left:18px}
 """
+
+
+def _schema_errors_cell(check: Mapping[str, Any]) -> str:
+    """A JSON-validity check's most frequent schema errors, with counts."""
+    errors = (check.get("measured") or {}).get("schema_errors") or ()
+    if not errors:
+        return ""
+    items = "".join(f"<li><code>{html.escape(e['error'])}</code> ({e['count']})</li>" for e in errors)
+    return f"<br><span class=muted>most frequent schema errors:</span><ul class=errors>{items}</ul>"
 
 
 def _checks_table(checks: Iterable[Mapping[str, Any]]) -> str:
@@ -255,6 +264,7 @@ def _checks_table(checks: Iterable[Mapping[str, Any]]) -> str:
     for c in checks:
         status = _status(c)
         detail = f"<br><span class=muted>{html.escape(c['detail'])}</span>" if c.get("detail") else ""
+        detail += _schema_errors_cell(c)
         rows.append(f"<tr><td class={status}>{status}</td><td><code>{html.escape(c['id'])}</code></td>"
                     f"<td>{html.escape(c['summary'])}{detail}</td></tr>")
     return "<table><tr><th></th><th>check</th><th>result</th></tr>" + "".join(rows) + "</table>"
