@@ -398,6 +398,62 @@ def test_html_shows_a_checks_schema_errors_in_its_row() -> None:
     assert "schema errors" not in next(r for r in page.split("<tr>") if "greedy.stop_rate" in r)
 
 
+def test_the_verdict_block_names_the_baseline(tmp_path: Path) -> None:
+    from loragate.acceptance.gate import choose_baseline
+    from loragate.acceptance.promotion import PromotedEntry
+    from loragate.core.engine import EngineModels, ServedModel
+    from loragate.core.errors import GateError
+
+    c = contract(tmp_path, name="poster-new")
+    served = EngineModels("http://x", tuple(ServedModel(n, None, "base", None) for n in ("poster-good", "poster-new"))
+                          + (ServedModel("base", None, None, 4096),))
+    folder = tmp_path / "promoted"
+    folder.mkdir()
+
+    def promoted(*entries: PromotedEntry) -> None:
+        (folder / "promoted.json").write_text(json.dumps({"adapters": {e.name: dataclasses.asdict(e) for e in entries}}))
+
+    def entry(name: str, when: str) -> PromotedEntry:
+        return PromotedEntry(name=name, path=name, output="json", sha256="ab" * 32, base_model="base",
+                             record="r.json", promoted_at=when, prompt_template=TEMPLATE, smoke_prompt=None,
+                             max_tokens=160, measured={"stop_rate": 1.0})
+
+    def line(choice: str | None) -> str:
+        report = {**_report(), "baseline": dataclasses.asdict(choose_baseline(c, served, folder, choice))}
+        assert rep.baseline_line(report) in rep.to_html(report)
+        lines = rep.terminal_table(report).splitlines()
+        return lines[lines.index("VERDICT poster: REJECT") + 1]  # the line under the verdict
+
+    assert line(None) == "  baseline: the base model base (nothing promoted for this task): runaway share only"
+    promoted(entry("poster-good", "2026-01-02T10:11:12.345678+00:00"))
+    assert line(None) == "  baseline: poster-good (promoted 2026-01-02 10:11 UTC, same task)"
+    assert line("poster-good") == "  baseline: poster-good (--baseline poster-good)"
+    assert line("base") == "  baseline: the base model base (--baseline base): runaway share only"
+    assert line("none") == "  baseline: none (--baseline none): no regression checks"
+    promoted(entry("poster-good", "2026-01-02T10:11:12+00:00"), entry("poster-new", "2026-02-03T04:05:06+00:00"))
+    assert line(None) == ("  baseline: the promoted version of poster-new (promoted 2026-02-03 04:05 UTC, "
+                          "sha256 abababababab): its recorded numbers")
+    with pytest.raises(GateError, match="'poster-gone' is not served"):
+        choose_baseline(c, served, folder, "poster-gone")
+    assert "  baseline: none chosen (the gate stopped before planning the suite)" in \
+        rep.terminal_table({**_report(), "baseline": None})
+
+
+def test_gate_cli_takes_a_baseline_name_base_or_none(capsys: pytest.CaptureFixture[str]) -> None:
+    from loragate.cli import build_parser
+
+    argv = ["gate", "--endpoint", "http://x", "--adapter", "poster"]
+    parser = build_parser(argv)
+    assert parser.parse_args(argv).baseline is None
+    for choice in ("poster-good", "base", "none"):
+        assert parser.parse_args([*argv, "--baseline", choice]).baseline == choice
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--baseline NAME|base|none what the adapter is compared with: NAME, a served adapter" in help_text
+    assert "'base', the base model" in help_text and "'none'" in help_text
+
+
 def test_suite_plan_round_trips(tmp_path: Path) -> None:
     spec = CheckSpec("greedy.stop_rate", "greedy", "stop_rate", "floor", 0.9, True)
     plan = SuitePlan("http://x", (_plan({"greedy": 2}, [spec]),), concurrency=3)

@@ -57,8 +57,11 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int,
                    help="the engine's --max-lora-rank (default: read from the local stack or the demo manifest)")
     p.add_argument("--base-dir", type=Path, help="the base model's folder (default: the engine's root when local)")
-    p.add_argument("--baseline", help="compare with this served adapter, 'base', or 'none' "
-                                      "(default: the promoted version / a promoted adapter of the same task / the base)")
+    p.add_argument("--baseline", metavar="NAME|base|none",
+                   help="what the adapter is compared with: NAME, a served adapter, run on the same prompts "
+                        "(regression checks); 'base', the base model (its runaway share, reported); 'none'. "
+                        "Default: the adapter's own promoted version (its recorded numbers), else the adapter "
+                        "promoted last for the same task, else the base model. The verdict names it")
     p.add_argument("--temperature", type=float, default=SAMPLED_TEMPERATURE,
                    help="temperature of the sampled run (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sampled request (default %(default)s)")

@@ -159,24 +159,36 @@ def _required(value: Any, what: str) -> Path:
     return path
 
 
+def _when(iso: str) -> str:
+    """A promotion time (ISO 8601) to the minute, in UTC."""
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return iso
+
+
 def choose_baseline(contract: Contract, engine: eng.EngineModels, folder: Path, choice: str | None) -> Baseline:
-    """What the adapter is compared with (see :class:`Baseline`)."""
+    """What the adapter is compared with (see :class:`Baseline`): ``choice`` is ``--baseline``
+    (``NAME`` of a served adapter, ``base``, ``none``), or ``None`` to choose: this adapter's
+    promoted version, else the adapter promoted last for the same task, else the base model.
+    The note names it for the reports (``baseline: ...`` under the verdict)."""
     from loragate.acceptance.promotion import read_promoted
 
     if choice == "none":
-        return Baseline("none", note="no baseline (--baseline none)")
+        return Baseline("none", note="none (--baseline none): no regression checks")
     if choice == "base":
-        return Baseline("base", contract.base_model, note="the base model (--baseline base)")
+        return Baseline("base", contract.base_model,
+                        note=f"the base model {contract.base_model} (--baseline base): runaway share only")
     if choice:
         if engine.get(choice) is None:
             raise GateError(f"--baseline {choice!r} is not served by {engine.endpoint}")
-        return Baseline("promoted", choice, note=f"{choice} (--baseline)")
+        return Baseline("promoted", choice, note=f"{choice} (--baseline {choice})")
     promoted = read_promoted(folder)
     if contract.name in promoted:
         entry = promoted[contract.name]
         return Baseline("record", contract.name, recorded=dict(entry.measured),
-                        note=f"the promoted version of {contract.name} (sha256 {entry.sha256[:12]}, "
-                             f"{entry.promoted_at}): its recorded numbers")
+                        note=f"the promoted version of {contract.name} (promoted {_when(entry.promoted_at)}, "
+                             f"sha256 {entry.sha256[:12]}): its recorded numbers")
     # the same task: the same prompt form through the same API, on the same base (a completions
     # adapter asked through the chat template, or the reverse, is no comparison)
     same_task = [e for e in promoted.values()
@@ -184,8 +196,9 @@ def choose_baseline(contract: Contract, engine: eng.EngineModels, folder: Path, 
                  and engine.get(e.name) is not None and e.base_model == contract.base_model]
     if same_task:
         latest = max(same_task, key=lambda e: e.promoted_at)
-        return Baseline("promoted", latest.name, note=f"{latest.name}, promoted {latest.promoted_at} for the same task")
-    return Baseline("base", contract.base_model, note="nothing promoted for this task: the base model's runaway share")
+        return Baseline("promoted", latest.name, note=f"{latest.name} (promoted {_when(latest.promoted_at)}, same task)")
+    return Baseline("base", contract.base_model,
+                    note=f"the base model {contract.base_model} (nothing promoted for this task): runaway share only")
 
 
 def make_suite_plan(endpoint: str, adapters: Sequence[str], *, contracts: str | os.PathLike[str],

@@ -121,6 +121,7 @@ class Baseline:
     model: str | None = None
     #: For ``record``: the promoted version's measured greedy rates, e.g. ``{"stop_rate": 1.0}``.
     recorded: Mapping[str, float] = field(default_factory=dict)
+    #: What it is and how it was chosen, as the reports name it (``baseline: ...`` under the verdict).
     note: str = ""
 
 

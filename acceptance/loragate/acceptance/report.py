@@ -2,7 +2,7 @@
 
 Files of one gate run (all in its report folder)::
 
-    report.json     the verdict, reasons with numbers, every check, runs, timings {phase: s}
+    report.json     the verdict, reasons with numbers, every check, runs, the baseline, timings {phase: s}
     junit.xml       one test case per check (gating failures are failures) and one for the verdict
     report.html     summary, chart of stop rate and JSON validity per input length, every check
     plan.json       what the suite was asked to send; samples.jsonl every judged completion
@@ -126,8 +126,16 @@ def _status(check: Mapping[str, Any]) -> str:
     return "pass" if check["passed"] else "FAIL"
 
 
+def baseline_line(report: Mapping[str, Any]) -> str:
+    """What the adapter was compared with, as the verdict block names it."""
+    baseline = report.get("baseline")
+    if not baseline:
+        return "baseline: none chosen (the gate stopped before planning the suite)"
+    return f"baseline: {baseline.get('note') or baseline.get('model') or baseline['kind']}"
+
+
 def terminal_table(report: Mapping[str, Any], width: int = 100) -> str:
-    """The checks as a table, then the verdict and its reasons."""
+    """The checks as a table, then the verdict, the baseline and the reasons."""
     lines = [f"loragate gate {report['adapter']} @ {report['endpoint']}"]
     lines.append(f"{'':4} {'check':34} {'measured [95% CI]':28} {'bar':16}")
     for c in report["checks"]:
@@ -141,6 +149,7 @@ def terminal_table(report: Mapping[str, Any], width: int = 100) -> str:
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
     lines.append(f"time: {timings}")
     lines.append(f"VERDICT {report['adapter']}: {report['verdict']}")
+    lines.append(f"  {baseline_line(report)}")
     for i, reason in enumerate(report["reasons"], 1):
         lines.append(f"  {i}. {reason}")
     for note in report.get("notes") or ():
@@ -313,6 +322,7 @@ def to_html(report: Mapping[str, Any]) -> str:
 <style>{_CSS}</style></head><body>
 <h1>{html.escape(report['adapter'])} <span class="verdict {report['verdict']}">{report['verdict']}</span></h1>
 <p class=muted>endpoint {html.escape(report['endpoint'])} · started {html.escape(report['started_at'])} · {timings}</p>
+<p>{html.escape(baseline_line(report))}</p>
 <h2>Reasons</h2><ol>{reasons}</ol>
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 {promo}
