@@ -482,3 +482,44 @@ def test_up_refuses_a_context_not_beyond_the_training_length(stack_build_home: P
     assert result.returncode == 2
     assert "--max-model-len 256" in result.stderr and "training length" in result.stderr
     assert not (stack_build_home / "stack" / "state.json").exists()
+
+
+def _own_contracts(tmp_path: Path, ranks: dict[str, int], train_seq_len: int = 512) -> Path:
+    for name, r in ranks.items():
+        _adapter(tmp_path, name, r)
+    path = tmp_path / "adapters.yaml"
+    path.write_text(json.dumps({"base_model": "my-base", "adapters_dir": ".", "adapters": {
+        name: {"path": name, "output": "text", "max_tokens": 64, "train_seq_len": train_seq_len} for name in ranks}}))
+    return path
+
+
+def test_a_plan_from_ones_own_contracts_serves_every_adapter_of_the_file(tmp_path: Path) -> None:
+    contracts = _own_contracts(tmp_path, {"mine-a": 8, "mine-b": 32}, train_seq_len=3000)
+    (tmp_path / "base").mkdir()
+    plan = st.ServePlan.from_contracts(contracts, tmp_path / "base")
+    assert plan.base_model == "my-base" and plan.contracts_file == contracts.resolve()
+    assert {n: Path(p).name for n, p in plan.adapters.items()} == {"mine-a": "mine-a", "mine-b": "mine-b"}
+    assert (plan.max_lora_rank, plan.max_loras) == (32, 2)
+    assert plan.max_model_len == 6000  # twice the longest training length, above the 4096 default
+    assert plan.heldout_prompts is None
+    cmd = st.vllm_command(plan, 4321, executable="vllm", environ={})
+    assert cmd[cmd.index("--lora-modules") + 1:] == [f"mine-a={tmp_path / 'mine-a'}", f"mine-b={tmp_path / 'mine-b'}"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--base", "somewhere"], "--base goes with --contracts"),
+    (["--contracts", "missing.yaml"], "no such file"),
+    (["--contracts", "{contracts}"], "--base DIR is needed"),
+    (["--contracts", "{contracts}", "--base", "{tmp}"], "no config.json"),
+])
+def test_up_with_contracts_refuses_a_wrong_command_before_starting_anything(tmp_path: Path, capsys, monkeypatch,
+                                                                             args, named) -> None:
+    from loragate.cli import main as loragate_main
+
+    contracts = _own_contracts(tmp_path, {"mine": 8})
+    argv = ["up", *(a.format(contracts=contracts, tmp=tmp_path) for a in args)]
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAGATE_HOME", str(home))  # no stack, no demo build: nothing to fall back on
+    assert loragate_main(argv) == 2
+    assert named in capsys.readouterr().err
+    assert not (home / "stack" / "state.json").exists()
