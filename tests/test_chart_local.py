@@ -297,7 +297,7 @@ def test_vllm_took_the_rendered_arguments(local_release: LocalRelease) -> None:
     assert base == settings.DEMO_BASE_MODEL_NAME and base in models
     assert models[base]["max_model_len"] == int(flag_values(args, "--max-model-len")[0])
     served = [m.split("=", 1)[0] for m in flag_values(args, "--lora-modules")]
-    assert served == [GOOD, RUNAWAY] and set(served) <= set(models)
+    assert served == [GOOD, RUNAWAY, CHAT] and set(served) <= set(models)
     env = local_release.env["vllm"]
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["HF_HUB_OFFLINE"] == "1"
 

@@ -29,7 +29,7 @@ from loragate.acceptance import report as rep
 from loragate.acceptance.gate import GateOptions, run_gate
 from loragate.cli.defaults import gate_options
 from loragate.core import engine as eng
-from loragate.core.errors import UsageError
+from loragate.core.errors import LoragateError, UsageError
 from loragate.demo.artifacts import current_build
 from loragate.stack import free_port
 
@@ -177,7 +177,8 @@ def test_a_report_folder_that_cannot_be_written_is_an_error(relay, build, tmp_pa
     proc = run_cli(gate_cmd(relay.url, build, blocker / "reports", promoted))
     assert proc.returncode == 2
     assert "is not writable" in proc.stderr
-    assert not relay.requests  # found out before anything was sent
+    # found out before anything was sent: at most the model list was read (is the adapter served?)
+    assert all((r.method, r.path) == ("GET", "/v1/models") for r in relay.requests), relay.requests
     assert snapshot(promoted) == before
 
 
@@ -287,3 +288,21 @@ def test_a_rejected_candidate_loaded_at_runtime_is_unloaded(stack, relay, build,
     assert [c.body for c in relay.calls("/v1/unload_lora_adapter")] == [{"lora_name": "cand-runaway"}]
     assert eng.fetch_models(eng.normalize_endpoint(stack.vllm_url)).get("cand-runaway") is None
     assert snapshot(promoted) == before
+
+
+def test_an_error_of_its_inputs_mid_run_unloads_what_the_gate_loaded(stack, relay, build, candidates, tmp_path,
+                                                                     promoted) -> None:
+    """A prompts file broken past its first line is found only when the run is planned, after the
+    runtime load: the error ends the run (exit 2), and the adapter is unloaded all the same."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(build.heldout_prompts.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(LoragateError, match="broken.jsonl"):
+        run_gate(gate_options(GateOptions(endpoint=relay.url, adapter="cand-good", contracts=candidates,
+                                          prompts=broken, report_dir=tmp_path / "r", promoted_dir=promoted,
+                                          load_into_engine=True,
+                                          max_lora_rank=build.manifest()["serve"]["max_lora_rank"])), quiet=True)
+    assert [c.body["lora_name"] for c in relay.calls("/v1/load_lora_adapter")] == ["cand-good"]
+    assert [c.body for c in relay.calls("/v1/unload_lora_adapter")] == [{"lora_name": "cand-good"}]
+    assert eng.fetch_models(eng.normalize_endpoint(stack.vllm_url)).get("cand-good") is None
+    assert snapshot(promoted) == {"promoted.json": b'{"version": 1, "adapters": {}}\n',
+                                  "values.yaml": b"adapters:\n  promoted: []\n"}

@@ -116,7 +116,10 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     counts: dict[str, list[int]] = {}
     validity: dict[str, list[int]] = {}
     before = scraped_proxy.scrape()
-    assert not any(n == "loragate_completions_total" for (n, _) in before), "scraped_proxy must start at zero"
+    completions = {labels: v for (n, labels), v in before.items() if n == "loragate_completions_total"}
+    assert not any(completions.values()), "scraped_proxy must start at zero"
+    # every contract's series exist from the start, at 0
+    assert {dict(labels)["adapter"] for labels in completions} == set(contracts.names)
     for adapter, max_tokens in (("poster-good", 160), ("poster-eos-masked", 24), ("poster-truncated", 48)):
         for prompt in prompts:
             answer = httpx.post(f"{scraped_proxy.url}/v1/completions", timeout=300, json={
@@ -135,14 +138,20 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     json_validity = ('sum by (adapter) (loragate_json_outputs_total{result="valid"})'
                      ' / sum by (adapter) (loragate_json_outputs_total)')
     total = 'sum by (adapter) (loragate_completions_total)'
+    # the adapters not asked keep their series, at 0 (their rates are 0/0: no value)
+    expected_total = {**{a: 0.0 for a in contracts.names}, **{a: float(len(prompts)) for a in expected_stop}}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if _query(prometheus, total) == {a: float(len(prompts)) for a in expected_stop}:
+        if _query(prometheus, total) == expected_total:
             break
         time.sleep(0.5)
-    assert _query(prometheus, total) == {a: float(len(prompts)) for a in expected_stop}
-    assert _query(prometheus, stop_rate) == expected_stop
-    assert _query(prometheus, json_validity) == expected_valid
+    assert _query(prometheus, total) == expected_total
+
+    def asked(result: dict) -> dict:
+        return {a: v for a, v in result.items() if a in expected_stop}
+
+    assert asked(_query(prometheus, stop_rate)) == expected_stop
+    assert asked(_query(prometheus, json_validity)) == expected_valid
 
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts"}

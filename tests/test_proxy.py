@@ -18,6 +18,7 @@ from relay import Relay
 
 from loragate.core.contracts import load_contracts
 from loragate.core.judging import judge_completion
+from loragate.demo.artifacts import DEMO_ADAPTERS
 from loragate.demo.data import LAYOUT_SCHEMA as SCHEMA
 from loragate.server.metrics import OTHER_ADAPTER
 
@@ -169,7 +170,7 @@ def test_unknown_model_names_never_mint_labels(stack, own_proxy):
     text = httpx.get(own_proxy.metrics_url).text
     assert "no-such-adapter" not in text
     adapters = {dict(labels).get("adapter") for (_, labels) in own_proxy.scrape()}
-    assert adapters <= set(ADAPTERS) | {stack.base_model, OTHER_ADAPTER, None}
+    assert adapters <= set(DEMO_ADAPTERS) | {stack.base_model, OTHER_ADAPTER, None}
 
 
 def test_openai_client_works_through_the_proxy_streaming_and_not(stack):

@@ -93,7 +93,8 @@ def test_status_json_describes_the_running_stack(stack: st.StackInfo) -> None:
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert set(doc) == STATUS_KEYS
-    assert doc["proxy"] == {"url": stack.proxy_url, "pid": stack.proxy_pid}
+    assert doc["proxy"] == {"url": stack.proxy_url, "pid": stack.proxy_pid, "admin_key": stack.admin_key}
+    assert stack.admin_key and len(stack.admin_key) >= 32  # made at up, for the proxy's adapter endpoints
     assert doc["metrics"]["url"] == f"{stack.proxy_url}/metrics"
     vllm = doc["vllm"]
     assert vllm["url"] == stack.vllm_url and vllm["pid"] == stack.vllm_pid

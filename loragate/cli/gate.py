@@ -37,7 +37,8 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="adapter name (served model name and contract name)")
     p.add_argument("--contracts", type=Path, help="adapters file (default: the local stack's / the demo build's)")
     p.add_argument("--prompts", type=Path,
-                   help="held-out prompts JSONL, {'input': ...} per line (default: the demo build's heldout.jsonl)")
+                   help="held-out prompts JSONL, {'input': ...} per line (default: the demo build's heldout.jsonl, "
+                        "when the contracts are the demo's; your own adapters need your own)")
     p.add_argument("--long-prompts", type=Path,
                    help="long inputs JSONL for the long-context probes (demo papers are lengthened without it)")
     p.add_argument("--report-dir", type=Path,
