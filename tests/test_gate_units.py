@@ -516,3 +516,20 @@ def test_a_chat_template_the_engine_does_not_serve_is_reported(tmp_path: Path) -
     assert not differs.passed and not differs.gating and "differs" in differs.summary
     (base / "chat_template.jinja").write_text("[INST] {{ m }} [/INST]\n")
     assert check_chat_template(c, base).passed
+
+
+def test_the_charts_legend_is_as_wide_as_its_longest_label() -> None:
+    """A long adapter name widens the chart instead of being clipped at its right edge."""
+    import re
+
+    from loragate.acceptance.report import svg_chart
+
+    def width(adapter: str) -> int:
+        svg = svg_chart([{"adapter": adapter, "metric": m, "points": [(200.0, 1.0, 0.9, 1.0)]}
+                         for m in ("stop_rate", "json_validity")])
+        return int(re.search(r'<svg[^>]* width="(\d+)"', svg).group(1))
+
+    short, long = width("a"), width("a-rather-long-adapter-name-of-a-team")
+    assert short == 760
+    label = "a-rather-long-adapter-name-of-a-team: JSON validity"
+    assert long >= 760 - 190 + 30 + 6 * len(label) and long > short

@@ -190,9 +190,14 @@ def chart_series(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def svg_chart(series: Sequence[Mapping[str, Any]], marks: Sequence[tuple[float, str]] = (),
               width: int = 760, height: int = 320) -> str:
-    """An inline SVG line chart: rate (0-1) against prompt tokens (log scale), 95% CI whiskers."""
-    left, right, top, bottom = 56, 190, 16, 44
-    pw, ph = width - left - right, height - top - bottom
+    """An inline SVG line chart: rate (0-1) against prompt tokens (log scale), 95% CI whiskers.
+
+    The legend's column is as wide as its longest label (11 px sans-serif, ~6.5 px a character),
+    so the chart widens beyond ``width`` rather than clip a long adapter name."""
+    longest = max((len(f"{s['adapter']}: JSON validity") for s in series), default=0)
+    left, right, top, bottom = 56, max(190, 50 + math.ceil(6.5 * longest)), 16, 44
+    pw, ph = width - left - 190, height - top - bottom
+    width = left + pw + right
     xs = [p[0] for s in series for p in s["points"]] + [m[0] for m in marks]
     if not xs:
         return "<p>No measurements to chart.</p>"
