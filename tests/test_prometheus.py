@@ -120,6 +120,12 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     assert not any(completions.values()), "scraped_proxy must start at zero"
     # every contract's series exist from the start, at 0
     assert {dict(labels)["adapter"] for labels in completions} == set(contracts.names)
+    # ... among them those the alerts read on a first event (increase() needs the 0 before it)
+    for name in ("loragate_json_constrained_outputs_total", "loragate_upstream_errors_total",
+                 "loragate_client_disconnects_total"):
+        series = {labels: v for (n, labels), v in before.items() if n == name}
+        assert {dict(labels)["adapter"] for labels in series} == set(contracts.names), name
+        assert not any(series.values()), name
     for adapter, max_tokens in (("poster-good", 160), ("poster-eos-masked", 24), ("poster-truncated", 48)):
         for prompt in prompts:
             answer = httpx.post(f"{scraped_proxy.url}/v1/completions", timeout=300, json={

@@ -147,12 +147,19 @@ class ProxyMetrics:
 
         A ratio such as stop / all only exists in PromQL when both series exist: an adapter that
         never stops must still export ``finish_reason="stop"`` as 0, or its stop rate (and the
-        alert on it) would be missing instead of 0.
+        alert on it) would be missing instead of 0. Likewise ``increase()`` sees an event only on
+        a series that existed before it: the counters the alerts read on first events (ignored
+        JSON constraints, upstream errors) exist at 0 too, whatever the adapter's contract.
         """
         key = (adapter, judged_json)
         if key in self._initialised:
             return
         self._initialised.add(key)
+        for result in JsonResult:
+            self.constrained_outputs.labels(adapter, result.value)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(adapter, kind)
+        self.client_disconnects.labels(adapter)
         for finish in FinishClass:
             self.completions.labels(adapter, finish.value)
         for cause in LengthCause:
