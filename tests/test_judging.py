@@ -5,10 +5,12 @@ import json
 import pytest
 
 from loragate.core.judging import (
+    ConstraintResult,
     FinishClass,
     JsonResult,
     LengthCause,
     judge_completion,
+    judge_constrained,
     judge_json,
 )
 
@@ -64,3 +66,19 @@ def test_judgement_of_a_demo_layout():
     layout = {"title": "T", "column": 2}
     j = judge_completion(json.dumps(layout), "stop", expects_json=True, json_schema=SCHEMA)
     assert j.stopped and j.json_valid and j.schema_error is None
+
+
+def test_a_json_constraint_is_ignored_only_by_an_answer_that_ended_on_its_own_without_json():
+    """The constraint's verdict tells the engine's fault from a cut and from the contract's schema."""
+    assert judge_constrained('{"title": "a"}', "stop", None, SCHEMA) is ConstraintResult.VALID
+    assert judge_constrained('{"x": 1}', "stop", None, None) is ConstraintResult.VALID
+    # ended on the end-of-sequence token and not JSON: the engine did not honour the constraint
+    assert judge_constrained("not json", "stop", None, SCHEMA) is ConstraintResult.IGNORED
+    # cut before the JSON could close: max_tokens or the context, a stop string or token, an abort
+    assert judge_constrained('{"title": "a', "length", None, SCHEMA) is ConstraintResult.CUT
+    assert judge_constrained('{"title": "a"', "stop", "}", SCHEMA) is ConstraintResult.CUT
+    assert judge_constrained('{"title": "a"', "stop", 7, SCHEMA) is ConstraintResult.CUT
+    assert judge_constrained('{"title": ', "abort", None, SCHEMA) is ConstraintResult.CUT
+    # JSON, as asked, but not the contract's shape: the engine never saw the contract's schema
+    assert judge_constrained('{"column": 2}', "stop", None, SCHEMA) is ConstraintResult.SCHEMA_MISMATCH
+    assert judge_constrained('{"column": 2}', "length", None, SCHEMA) is ConstraintResult.SCHEMA_MISMATCH

@@ -13,6 +13,9 @@ Definitions:
   :func:`json.loads` *and*, when the contract has a JSON Schema, validates against it.
   ``invalid`` means it does not parse; ``schema_mismatch`` that it parses but breaks the schema.
   Only adapters whose contract expects JSON are judged; for others the result is ``None``.
+- **JSON constraint** (a request that asked for JSON with ``response_format``): see
+  :func:`judge_constrained`, which tells a constraint the engine ignored from an answer cut
+  before its JSON could close and from JSON that breaks the adapter's contract schema.
 """
 
 from __future__ import annotations
@@ -46,6 +49,24 @@ class JsonResult(str, Enum):
 
     VALID = "valid"
     INVALID = "invalid"
+    SCHEMA_MISMATCH = "schema_mismatch"
+
+
+class ConstraintResult(str, Enum):
+    """How the answer to a request that asked for JSON (``response_format``) turned out."""
+
+    #: It parses (and matches the adapter's contract schema, when it has one).
+    VALID = "valid"
+    #: It ended on its own (``finish_reason`` stop on the end-of-sequence token) and is not JSON:
+    #: the engine did not honour the constraint.
+    IGNORED = "ignored"
+    #: It is not JSON, but was ended before the JSON could close: ``finish_reason`` length
+    #: (max_tokens or the context limit), a stop string or stop token the request named, or
+    #: anything else that is not the model's own end (an abort).
+    CUT = "cut"
+    #: It is JSON, as the request asked, but breaks the adapter's contract schema, which the
+    #: engine never saw (the request's own schema is not checked: the proxy never runs a
+    #: client's schema).
     SCHEMA_MISMATCH = "schema_mismatch"
 
 
@@ -144,3 +165,25 @@ def judge_completion(
     if expects_json:
         json_result, schema_error = judge_json(text, json_schema)
     return Judgement(finish=finish, length_cause=cause, json_result=json_result, schema_error=schema_error)
+
+
+def judge_constrained(
+    text: str,
+    finish_reason: str | None,
+    stop_reason: object = None,
+    json_schema: Mapping[str, Any] | None = None,
+) -> ConstraintResult:
+    """Judge the answer to a request that asked for JSON (see :class:`ConstraintResult`).
+
+    ``stop_reason`` is vLLM's: ``None`` when a ``stop`` answer ended on the end-of-sequence
+    token, else the stop string or token id the request named that ended it. ``json_schema``
+    is the adapter's contract schema, if any.
+    """
+    result, _ = judge_json(text, json_schema)
+    if result is JsonResult.VALID:
+        return ConstraintResult.VALID
+    if result is JsonResult.SCHEMA_MISMATCH:
+        return ConstraintResult.SCHEMA_MISMATCH
+    if finish_reason == "stop" and stop_reason is None:
+        return ConstraintResult.IGNORED
+    return ConstraintResult.CUT
