@@ -17,7 +17,7 @@ from conftest import delta, heldout, heldout_inputs, sample, scrape, start_proxy
 from relay import Relay
 
 from loragate.core.contracts import load_contracts
-from loragate.core.judging import judge_completion
+from loragate.core.judging import judge_completion, judge_constrained
 from loragate.demo.artifacts import DEMO_ADAPTERS
 from loragate.demo.data import LAYOUT_SCHEMA as SCHEMA
 from loragate.server.metrics import OTHER_ADAPTER
@@ -155,8 +155,10 @@ def test_a_json_constraint_is_recorded_per_request(stack, own_proxy):
         assert sum(v for (n, _), v in after.items() if n == "loragate_json_constrained_outputs_total") == \
             sum(v for (n, _), v in before.items() if n == "loragate_json_constrained_outputs_total")
         return
-    text = resp.json()["choices"][0]["text"]
-    result = judge_completion(text, "stop", expects_json=True).json_result.value
+    choice = resp.json()["choices"][0]
+    contract = load_contracts(stack.contracts_file)["poster-good"]
+    result = judge_constrained(choice["text"], choice["finish_reason"], choice.get("stop_reason"),
+                               contract.json_schema).value
     assert delta(before, after, "loragate_json_constrained_outputs_total", adapter="poster-good", result=result) == 1
 
 

@@ -5,7 +5,8 @@ Known names are the contracts' adapters and base model, plus every model the eng
 :data:`~loragate.server.metrics.OTHER_ADAPTER`, so a client sending random model names can
 never grow the metrics. The engine's list is refreshed at start, periodically, and (rate
 limited) when an unknown name is seen, so an adapter loaded at run time gets its own label
-within seconds.
+within seconds. Each label value is announced once, as it becomes known (``on_known``), so the
+proxy can create its series at 0 before its first request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from loragate.core.contracts import Contract, ContractSet
 from loragate.core.engine import parse_models
@@ -33,7 +34,10 @@ MAX_ENGINE_NAMES = 1000
 class AdapterNames:
     """Bounded adapter labels, contracts by name, and each served model's ``max_model_len``."""
 
-    def __init__(self, contracts: ContractSet | None, upstream: Upstream) -> None:
+    def __init__(self, contracts: ContractSet | None, upstream: Upstream,
+                 on_known: Callable[[str], None] | None = None) -> None:
+        """``on_known(label)`` is called once for each label value as it becomes known:
+        ``__other__`` and the contracts' names here, what the engine serves when it is read."""
         self.contracts = contracts
         self._upstream = upstream
         self._static = set(contracts.names) | {contracts.base_model} if contracts else set()
@@ -41,6 +45,13 @@ class AdapterNames:
         self.max_model_len: dict[str, int] = {}
         self._last_refresh = float("-inf")
         self._refreshing: asyncio.Task | None = None
+        self._on_known = on_known
+        for name in sorted(self._static | {OTHER_ADAPTER}):
+            self._announce(name)
+
+    def _announce(self, name: str) -> None:
+        if self._on_known is not None:
+            self._on_known(name)
 
     @property
     def known(self) -> frozenset[str]:
@@ -94,7 +105,11 @@ class AdapterNames:
             limit = served.max_model_len(m.id)
             if limit:
                 self.max_model_len[m.id] = limit
-        self._engine = set(sorted(m.id for m in served.models)[:MAX_ENGINE_NAMES])
+        engine = set(sorted(m.id for m in served.models)[:MAX_ENGINE_NAMES])
+        new = engine - self._engine - self._static
+        self._engine = engine
+        for name in sorted(new):
+            self._announce(name)
 
     async def run_periodic(self) -> None:
         while True:

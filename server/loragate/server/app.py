@@ -5,14 +5,15 @@ What reaches the engine is exactly what the proxy checked:
 - The request target is checked (:mod:`loragate.server.target`) and sent to the engine as the
   client's raw bytes; every decision (own endpoint, access, judging) is made on the route as
   the engine will route it, and only routes of :mod:`loragate.server.routes` are forwarded.
-- The body the proxy read is the body it sends; the fields it reads to judge (``stream``,
-  ``stream_options.include_usage``) must be what the engine reads the same way (JSON booleans),
-  or the request is refused.
+- The body the proxy read is the body it sends (but for usage asked on a stream's behalf); the
+  fields it reads to relay and judge must be of the JSON type it reads them as, so the engine
+  reads them the same way, or the request is refused (:mod:`loragate.server.fields`).
 - Headers go through less hop-by-hop ones (those named in ``Connection`` too), both ways; an
   answer carries one ``date`` header, the proxy's.
 
-``/v1/completions``, ``/v1/chat/completions`` and ``/invocations`` answers are judged, per choice,
-with the one shared :func:`~loragate.core.judging.judge_completion`, and counted in
+``/v1/completions``, ``/v1/chat/completions`` and ``/invocations`` answers are judged, per choice
+and on the generated part (an echoed prompt left out), with the one shared
+:func:`~loragate.core.judging.judge_completion`, and counted in
 :mod:`loragate.server.metrics`; the Responses and Messages APIs are forwarded and counted as
 unjudged generations.
 
@@ -50,8 +51,8 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -62,10 +63,18 @@ from loragate.core.contracts import (
     load_contracts,
     resolve_under,
 )
-from loragate.core.judging import Judgement, judge_completion
+from loragate.core.judging import ConstraintResult, Judgement, judge_completion, judge_constrained
 from loragate.core.sse import StreamTally
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
+from loragate.server.fields import (
+    Asked,
+    FieldError,
+    echoed_prefix,
+    generated_part,
+    read_fields,
+    upstream_body,
+)
 from loragate.server.metrics import ProxyMetrics
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
@@ -191,6 +200,17 @@ class _ClientLink:
             self._watcher.cancel()
 
 
+class Output(NamedTuple):
+    """One choice of an answer as the engine sent it, for judging."""
+
+    text: str
+    finish_reason: str | None
+    #: vLLM's stop_reason: the stop string or token id that ended it (None: the end-of-sequence token)
+    stop_reason: object
+    #: a chat answer's role (None for a completion)
+    role: str | None
+
+
 @dataclass
 class _Exchange:
     """What one judged request has shown so far."""
@@ -207,6 +227,8 @@ class _Exchange:
     completion_tokens: int | None = None
     #: whether this exchange's outcome has been counted (completion, disconnect or error)
     counted: bool = False
+    #: what the request asked for (the fields the proxy reads)
+    asked: Asked = field(default_factory=Asked)
 
 
 class ProxyApp:
@@ -247,11 +269,9 @@ class ProxyApp:
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
-        self.names = AdapterNames(self._contracts, self.upstream)
-        # Every contract's series exist from the start, at 0: a rule or dashboard sees an adapter
-        # the proxy judges before its first request, and an alert on its rates can be evaluated.
-        for contract in self._contracts or ():
-            self.metrics.init_adapter(contract.name, contract.expects_json)
+        # Every known adapter's series exist from the moment it is known, at 0: a rule or dashboard
+        # sees an adapter before its first request, and an alert sees its first event.
+        self.names = AdapterNames(self._contracts, self.upstream, on_known=self._init_adapter)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
         self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
         # What start-up built lives as long as the process: out of the collector's sight, an
@@ -260,6 +280,10 @@ class ProxyApp:
         # server does the same after its start-up (vllm.utils.gc_utils.freeze_gc_heap).
         gc.collect()
         gc.freeze()
+
+    def _init_adapter(self, name: str) -> None:
+        contract = self._contracts[name] if self._contracts is not None and name in self._contracts else None
+        self.metrics.init_adapter(name, bool(contract and contract.expects_json))
 
     async def _report_unclassified_routes(self) -> None:
         """Read the engine's OpenAPI document once it answers and log every route it serves that
@@ -580,30 +604,17 @@ class ProxyApp:
         if not isinstance(request, dict):
             await self._refuse(send, 400, "not_an_object", "request body must be a JSON object", endpoint)
             return
-        # The engine reads `stream` leniently (1, "true", "yes" stream too); the proxy reads the
-        # same field to decide how to relay and count, so only a JSON boolean is accepted.
-        stream = request.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            await self._refuse(send, 400, "invalid_field", "'stream' must be a JSON boolean", endpoint)
-            return
-        opts = request.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            await self._refuse(send, 400, "invalid_field", "'stream_options' must be an object", endpoint)
-            return
-        include_usage = opts.get("include_usage") if opts else None
-        if include_usage is not None and not isinstance(include_usage, bool):
-            await self._refuse(send, 400, "invalid_field", "'stream_options.include_usage' must be a JSON boolean",
-                               endpoint)
+        # The engine reads booleans leniently (1, "true", "yes" stream too); the fields the proxy
+        # reads to relay and count must be of the JSON type it reads them as.
+        try:
+            ex.asked = read_fields(request)
+        except FieldError as exc:
+            await self._refuse(send, 400, "invalid_field", str(exc), endpoint)
             return
         ex.adapter = self._adapter_names().label(request.get("model"))
-        ex.stream = stream is True
-        fmt = request.get("response_format")
-        ex.json_constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
-        strip_usage = False
-        if ex.stream and not include_usage:
-            request["stream_options"] = {**(opts or {}), "include_usage": True}
-            body = json.dumps(request).encode()
-            strip_usage = True
+        ex.stream = ex.asked.stream
+        ex.json_constrained = ex.asked.json_constrained
+        body = upstream_body(request, ex.asked) or body
         link = _ClientLink(scope, receive)
         try:
             try:
@@ -615,7 +626,7 @@ class ProxyApp:
             ex.status = resp.status
             try:
                 if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
-                    await self._relay_stream(send, resp, ex, strip_usage, link)
+                    await self._relay_stream(send, resp, ex, link)
                 else:
                     await self._relay_whole(send, resp, ex, link)
             finally:
@@ -670,17 +681,25 @@ class ProxyApp:
             ex.adapter = self._adapter_names().label(answer.get("model"))
             usage = answer.get("usage") or {}
             # judged by what the engine answered: a completion's choice has text, a chat one a message
-            outputs = [((c["text"] if "text" in c else (c.get("message") or {}).get("content")) or "",
-                        c.get("finish_reason")) for c in choices]
+            outputs: list[Output] = []
+            chat = False
+            for c in choices:
+                if "text" in c:
+                    outputs.append(Output(c["text"] or "", c.get("finish_reason"), c.get("stop_reason"), None))
+                else:
+                    message = c.get("message") or {}
+                    chat = True
+                    outputs.append(Output(message.get("content") or "", c.get("finish_reason"),
+                                          c.get("stop_reason"), message.get("role")))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self.metrics.upstream_errors.labels(ex.adapter, "invalid_response").inc()
             return
-        self._count(ex, outputs, usage)
+        self._count(ex, outputs, usage, chat)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
-    async def _relay_stream(self, send: Send, resp: UpstreamResponse, ex: _Exchange, strip_usage: bool,
-                            link: "_ClientLink") -> None:
-        tally = StreamTally(strip_usage)
+    async def _relay_stream(self, send: Send, resp: UpstreamResponse, ex: _Exchange, link: "_ClientLink") -> None:
+        # usage the proxy asked for on the client's behalf: the client gets the stream vLLM would have sent it
+        tally = StreamTally(strip_usage=not ex.asked.include_usage)
         model_seen = False
         #: whether [DONE] was handed to the client's connection while it was open
         done_delivered = False
@@ -741,7 +760,9 @@ class ProxyApp:
             log.warning("upstream stream broke off for %s: %s", ex.adapter, exc)
             error = openai_error(f"upstream stream broke off: {exc}", "upstream_error", 502)
             link.disarm()
-            await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": False})
+            # events held for their fingerprint go out first, as the engine sent them
+            await send({"type": "http.response.body", "body": tally.release() + b"data: " + error + b"\n\n",
+                        "more_body": False})
             return
         if not (done_delivered or link.connected):  # gone before the end was handed to it
             self._client_gone(ex)
@@ -754,41 +775,60 @@ class ProxyApp:
         if not tally.complete:
             self.metrics.upstream_errors.labels(ex.adapter, "stream_broken").inc()
             return
-        self._count(ex, tally.outputs(), tally.usage)
+        self._count(ex, [Output("".join(c.text), c.finish_reason, c.stop_reason, c.role)
+                         for _, c in sorted(tally.choices.items())], tally.usage, tally.chat)
         if ex.ttft_s is not None:
             self.metrics.ttft.labels(ex.adapter).observe(ex.ttft_s)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
-    def _count(self, ex: _Exchange, outputs: list[tuple[str, str | None]], usage: dict) -> None:
-        """Judge every choice, then update every counter in one synchronous step."""
+    def _count(self, ex: _Exchange, outputs: list[Output], usage: dict, chat: bool) -> None:
+        """Judge every choice, then update every counter in one synchronous step.
+
+        Each choice is judged on its generated part (an echoed prompt left out); a completion
+        request with ``echo`` and ``max_tokens: 0`` generated nothing and is counted as a scoring
+        request only.
+        """
         contract = self._adapter_names().contract(ex.adapter)
-        expects_json = bool(contract and contract.expects_json) or ex.json_constrained
+        json_contract = bool(contract and contract.expects_json)
+        schema = contract.json_schema if contract else None
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens
-        judgements: list[Judgement] = [
-            judge_completion(text, reason, expects_json=expects_json,
-                             json_schema=contract.json_schema if contract else None,
-                             prompt_tokens=prompt_tokens, completion_tokens=per_choice,
-                             max_model_len=self._adapter_names().context_limit(ex.adapter))
-            for text, reason in outputs
-        ]
         m = self.metrics
-        m.init_adapter(ex.adapter, expects_json)
-        for j in judgements:
+        m.init_adapter(ex.adapter, json_contract)
+        if ex.asked.scoring and not chat:
+            m.scoring_requests.labels(ex.adapter).inc()
+            if isinstance(completion_tokens, int):
+                m.output_tokens.labels(ex.adapter).inc(completion_tokens)
+                ex.completion_tokens = completion_tokens
+            ex.finish = "scoring"
+            return
+        per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens
+        context_limit = self._adapter_names().context_limit(ex.adapter)
+        judged: list[tuple[Judgement, ConstraintResult | None]] = []
+        for i, out in enumerate(outputs):
+            generated = generated_part(out.text, echoed_prefix(ex.asked, i, len(outputs), chat, out.role))
+            judgement = judge_completion(generated or "", out.finish_reason,
+                                         expects_json=json_contract and generated is not None,
+                                         json_schema=schema, prompt_tokens=prompt_tokens,
+                                         completion_tokens=per_choice, max_model_len=context_limit)
+            constrained = None
+            if ex.json_constrained and generated is not None:
+                constrained = judge_constrained(generated, out.finish_reason, out.stop_reason, schema)
+            judged.append((judgement, constrained))
+        for j, constrained in judged:
             m.completions.labels(ex.adapter, j.finish.value).inc()
             if j.length_cause is not None:
                 m.length_cutoffs.labels(ex.adapter, j.length_cause.value).inc()
             if j.json_result is not None:
                 m.json_outputs.labels(ex.adapter, j.json_result.value).inc()
-                if ex.json_constrained:
-                    m.constrained_outputs.labels(ex.adapter, j.json_result.value).inc()
+            if constrained is not None:
+                m.constrained_outputs.labels(ex.adapter, constrained.value).inc()
         if isinstance(completion_tokens, int):
             m.output_tokens.labels(ex.adapter).inc(completion_tokens)
             ex.completion_tokens = completion_tokens
-        if judgements:
-            ex.finish = ",".join(j.finish.value for j in judgements)
-            results = [j.json_result.value for j in judgements if j.json_result is not None]
+        if judged:
+            ex.finish = ",".join(j.finish.value for j, _ in judged)
+            results = [j.json_result.value for j, _ in judged if j.json_result is not None]
             ex.json_result = ",".join(results) or None
 
     def _log(self, ex: _Exchange) -> None:

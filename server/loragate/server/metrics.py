@@ -5,7 +5,10 @@ Label values are bounded by construction:
 - ``adapter``: a name from the contracts or the engine's model list, else :data:`OTHER_ADAPTER`
   (see :class:`loragate.server.adapters.AdapterNames`); a client can never mint a new value.
 - ``finish_reason``: ``stop`` | ``length`` | ``other`` (:class:`~loragate.core.judging.FinishClass`).
-- ``cause``: ``max_tokens`` | ``context``; ``result``: ``valid`` | ``invalid`` | ``schema_mismatch``.
+- ``cause``: ``max_tokens`` | ``context`` (:class:`~loragate.core.judging.LengthCause`).
+- ``result`` of JSON outputs: ``valid`` | ``invalid`` | ``schema_mismatch``
+  (:class:`~loragate.core.judging.JsonResult`); of JSON-constrained outputs: ``valid`` |
+  ``ignored`` | ``cut`` | ``schema_mismatch`` (:class:`~loragate.core.judging.ConstraintResult`).
 - ``endpoint``: :data:`ENDPOINTS`; ``code``: the HTTP status class (``2xx`` ... ``5xx``).
 - ``kind`` and ``reason``: the fixed tuples below.
 
@@ -14,6 +17,10 @@ Rates an operator alerts on (the chart's recording rules compute them):
 - stop rate = ``loragate_completions_total{finish_reason="stop"}`` / all completions, per adapter;
 - JSON validity = ``loragate_json_outputs_total{result="valid"}`` / all judged outputs, per
   adapter (only adapters whose contract expects JSON are judged).
+
+Every series an alert reads exists at 0 for every adapter label value the proxy knows (its
+contracts' adapters and base model, what the engine serves, and ``__other__``) before that
+adapter's first request: see :meth:`ProxyMetrics.init_adapter`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from loragate.core import metric_names as names
-from loragate.core.judging import FinishClass, JsonResult, LengthCause
+from loragate.core.judging import ConstraintResult, FinishClass, JsonResult, LengthCause
 from loragate.core.metric_names import (  # noqa: F401  (re-exported: the proxy's label values)
     BAD_REQUEST_REASONS,
     ENDPOINTS,
@@ -82,7 +89,8 @@ class ProxyMetrics:
         self.completions = _Counter(
             names.COMPLETIONS,
             "Completion choices that finished, by adapter and finish_reason (stop|length|other). "
-            "Stop rate = stop / all. A streamed choice counts once, when its stream ends.",
+            "Stop rate = stop / all. A streamed choice counts once, when its stream ends. Scoring "
+            "requests (echo with max_tokens 0) are not completions.",
             ["adapter", "finish_reason"], registry=r)
         self.length_cutoffs = _Counter(
             names.LENGTH_CUTOFFS,
@@ -91,14 +99,25 @@ class ProxyMetrics:
             ["adapter", "cause"], registry=r)
         self.json_outputs = _Counter(
             names.JSON_OUTPUTS,
-            "Choices of adapters whose contract expects JSON, by result: valid, invalid (does not parse), "
-            "schema_mismatch (parses, breaks the contract's JSON Schema). JSON validity = valid / all.",
+            "Choices of adapters whose contract expects JSON, by result: valid, invalid (does not parse, "
+            "answers cut at max_tokens included), schema_mismatch (parses, breaks the contract's JSON Schema). "
+            "JSON validity = valid / all. An echoed prompt is not judged, only what was generated.",
             ["adapter", "result"], registry=r)
         self.constrained_outputs = _Counter(
             names.JSON_CONSTRAINED_OUTPUTS,
-            "Judged choices of requests that asked for a JSON constraint (response_format), by result. "
-            "Anything but valid here means the engine did not honour the constraint.",
+            "Choices of requests that asked for JSON (response_format json_object or json_schema), by result: "
+            "valid (parses, and matches the adapter's contract schema if any); ignored (ended on its own, "
+            "on the end-of-sequence token, and is not JSON: the engine did not honour the constraint); cut "
+            "(not JSON, but ended first by max_tokens, the context limit, a stop string or token the request "
+            "named, or an abort); schema_mismatch (JSON, but breaks the adapter's contract schema, which the "
+            "engine never saw).",
             ["adapter", "result"], registry=r)
+        self.scoring_requests = _Counter(
+            names.SCORING_REQUESTS,
+            "Completion requests with echo and max_tokens 0 (how lm-eval scores log-likelihoods): the "
+            "engine answers with the prompt and its logprobs and generates nothing for the client. "
+            "Counted here only, never as completions.",
+            ["adapter"], registry=r)
         self.ttft = _Histogram(
             names.TIME_TO_FIRST_TOKEN,
             "Streamed requests: seconds from the proxy receiving the request to the first chunk with output.",
@@ -142,28 +161,32 @@ class ProxyMetrics:
             self.bad_requests.labels(reason)
         self._initialised: set[tuple[str, bool]] = set()
 
-    def init_adapter(self, adapter: str, judged_json: bool) -> None:
+    def init_adapter(self, adapter: str, json_contract: bool) -> None:
         """Create every label combination of ``adapter`` at 0, once.
 
         A ratio such as stop / all only exists in PromQL when both series exist: an adapter that
         never stops must still export ``finish_reason="stop"`` as 0, or its stop rate (and the
         alert on it) would be missing instead of 0. Likewise ``increase()`` sees an event only on
-        a series that existed before it: the counters the alerts read on first events (ignored
-        JSON constraints, upstream errors) exist at 0 too, whatever the adapter's contract.
+        a series that existed before it: every series an alert reads (completions, length cuts,
+        constrained JSON results, upstream error kinds) exists at 0, and so do disconnects, scoring
+        requests and output tokens. JSON outputs are counted, and created, only for adapters whose
+        contract expects JSON (``json_contract``).
         """
-        key = (adapter, judged_json)
+        key = (adapter, json_contract)
         if key in self._initialised:
             return
         self._initialised.add(key)
-        for result in JsonResult:
-            self.constrained_outputs.labels(adapter, result.value)
+        for constrained in ConstraintResult:
+            self.constrained_outputs.labels(adapter, constrained.value)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(adapter, kind)
         self.client_disconnects.labels(adapter)
+        self.scoring_requests.labels(adapter)
+        self.output_tokens.labels(adapter)
         for finish in FinishClass:
             self.completions.labels(adapter, finish.value)
         for cause in LengthCause:
             self.length_cutoffs.labels(adapter, cause.value)
-        if judged_json:
+        if json_contract:
             for result in JsonResult:
                 self.json_outputs.labels(adapter, result.value)
