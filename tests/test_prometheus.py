@@ -5,6 +5,7 @@ Uses Debian's ``prometheus`` and ``promtool`` (installed by scripts/setup.sh).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
@@ -16,8 +17,11 @@ import pytest
 import yaml
 from conftest import heldout, start_proxy
 
-from loragate.core.contracts import Thresholds, load_contracts
-from loragate.core.judging import judge_completion
+from loragate.core.contracts import Thresholds, load_contracts, parse_contracts
+from loragate.core.judging import ConstraintResult, FinishClass, JsonResult, LengthCause, judge_completion
+from loragate.core.metric_names import OTHER_ADAPTER, UPSTREAM_ERROR_KINDS
+from loragate.server.app import ProxyApp
+from loragate.server.config import ProxyConfig
 from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +52,85 @@ def test_alert_bars_are_the_gates_thresholds():
     for alert, bar in bars.items():
         found = re.search(r"ratio_rate5m < ([0-9.]+)", rules[alert]["expr"])
         assert found and float(found.group(1)) == bar, f"{alert} fires below {found and found.group(1)}, gate bar {bar}"
+
+
+#: Every label value each counter the rules read takes besides ``adapter``.
+LABEL_VALUES = {
+    "loragate_completions_total": {("finish_reason", v.value) for v in FinishClass},
+    "loragate_length_cutoffs_total": {("cause", v.value) for v in LengthCause},
+    "loragate_json_outputs_total": {("result", v.value) for v in JsonResult},
+    "loragate_json_constrained_outputs_total": {("result", v.value) for v in ConstraintResult},
+    "loragate_upstream_errors_total": {("kind", v) for v in UPSTREAM_ERROR_KINDS},
+    "loragate_scoring_requests_total": {None},
+}
+_SELECTOR = re.compile(r'(?<![:\w])(loragate_\w+)(?:\{([^}]*)\})?|\{__name__=~"([^"]+)"\}')
+_MATCHER = re.compile(r'(\w+)\s*(=~|!=|=)\s*"([^"]*)"')
+
+
+def rule_selectors() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """``(rule, metric name, [(label, op, value)])`` for every series selector of every rule."""
+    found = []
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule.get("record")
+            for metric, matchers, names in _SELECTOR.findall(rule["expr"]):
+                for each in (names.split("|") if names else [metric]):
+                    found.append((name, each, _MATCHER.findall(matchers)))
+    return found
+
+
+def _matches(labels: dict, matchers: list[tuple[str, str, str]]) -> bool:
+    for label, op, value in matchers:
+        have = labels.get(label, "")
+        if (op == "=" and have != value) or (op == "!=" and have == value) or (
+                op == "=~" and not re.fullmatch(value, have)):
+            return False
+    return True
+
+
+def test_the_rules_read_only_counters_whose_label_values_are_known():
+    selected = {metric for _, metric, _ in rule_selectors()}
+    assert selected == set(LABEL_VALUES), selected ^ set(LABEL_VALUES)
+
+
+def test_every_series_an_alert_reads_exists_at_0_for_every_known_adapter_before_its_first_request(tmp_path):
+    """A fresh proxy, before any request: for each adapter it knows (its contracts' adapters and
+    base model, an adapter the engine serves, ``__other__``) every label combination of every
+    counter the rules read exists at 0, and every selector of every rule finds its series, so
+    ``increase()`` sees each adapter's first event (JSON outputs only for adapters whose contract
+    expects JSON: nothing else is ever counted there)."""
+    contracts = parse_contracts({"base_model": "base", "adapters_dir": str(tmp_path), "adapters": {
+        "json-adapter": {"path": "j", "output": "json"}, "text-adapter": {"path": "t", "output": "text"}}},
+        tmp_path / "adapters.yaml")
+
+    async def fresh_metrics() -> str:
+        app = ProxyApp(ProxyConfig(upstream=f"http://127.0.0.1:{free_port()}"), contracts)
+        await app.startup()
+        try:
+            # what the engine's model list adds, as the proxy reads it
+            app._adapter_names()._take([{"id": "base"}, {"id": "served-adapter", "parent": "base"}])
+            from prometheus_client import generate_latest
+            return generate_latest(app.metrics.registry).decode()
+        finally:
+            await app.shutdown()
+
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = [(s.name, s.labels, s.value) for family in text_string_to_metric_families(asyncio.run(fresh_metrics()))
+               for s in family.samples if s.name in LABEL_VALUES]
+    assert samples and all(value == 0 for _, _, value in samples)
+    known = {"json-adapter", "text-adapter", "base", "served-adapter", OTHER_ADAPTER}
+    assert {labels["adapter"] for _, labels, _ in samples} == known
+    for adapter in known:
+        for metric, values in LABEL_VALUES.items():
+            have = {next(((k, v) for k, v in labels.items() if k != "adapter"), None)
+                    for name, labels, _ in samples if name == metric and labels["adapter"] == adapter}
+            assert have == (values if metric != "loragate_json_outputs_total" or adapter == "json-adapter"
+                            else set()), (adapter, metric)
+        for rule, metric, matchers in rule_selectors():
+            if metric == "loragate_json_outputs_total" and adapter != "json-adapter":
+                continue
+            assert any(name == metric and labels["adapter"] == adapter and _matches(labels, matchers)
+                       for name, labels, _ in samples), (rule, metric, matchers, adapter)
 
 
 @pytest.mark.stack
@@ -118,13 +201,16 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     before = scraped_proxy.scrape()
     completions = {labels: v for (n, labels), v in before.items() if n == "loragate_completions_total"}
     assert not any(completions.values()), "scraped_proxy must start at zero"
-    # every contract's series exist from the start, at 0
-    assert {dict(labels)["adapter"] for labels in completions} == set(contracts.names)
-    # ... among them those the alerts read on a first event (increase() needs the 0 before it)
-    for name in ("loragate_json_constrained_outputs_total", "loragate_upstream_errors_total",
-                 "loragate_client_disconnects_total"):
+    # every known adapter's series exist from the start, at 0: the contracts' adapters and base
+    # model, what the engine serves (the same here) and __other__
+    known = set(contracts.names) | {contracts.base_model, OTHER_ADAPTER}
+    assert {dict(labels)["adapter"] for labels in completions} == known
+    # ... among them every series the alerts read (increase() needs the 0 before a first event)
+    for name in LABEL_VALUES:
         series = {labels: v for (n, labels), v in before.items() if n == name}
-        assert {dict(labels)["adapter"] for labels in series} == set(contracts.names), name
+        want = {a for a in contracts.names if contracts[a].expects_json} if name == "loragate_json_outputs_total" \
+            else known
+        assert {dict(labels)["adapter"] for labels in series} == want, name
         assert not any(series.values()), name
     for adapter, max_tokens in (("poster-good", 160), ("poster-eos-masked", 24), ("poster-truncated", 48)):
         for prompt in prompts:
@@ -145,7 +231,7 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
                      ' / sum by (adapter) (loragate_json_outputs_total)')
     total = 'sum by (adapter) (loragate_completions_total)'
     # the adapters not asked keep their series, at 0 (their rates are 0/0: no value)
-    expected_total = {**{a: 0.0 for a in contracts.names}, **{a: float(len(prompts)) for a in expected_stop}}
+    expected_total = {**{a: 0.0 for a in known}, **{a: float(len(prompts)) for a in expected_stop}}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if _query(prometheus, total) == expected_total:
