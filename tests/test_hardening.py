@@ -322,6 +322,19 @@ def test_connection_named_headers_stay_behind_and_answers_carry_one_date(stack, 
     assert not any(n == b"server" for n, _ in answer.headers)
 
 
+def test_judged_answers_whole_and_streamed_carry_one_date(stack, guarded, relay):
+    """vLLM writes its own ``date`` on every answer; only the proxy's reaches the client, on the
+    raw bytes of a judged answer and of a stream as well."""
+    port = port_of(guarded.url)
+    for stream in (False, True):
+        body = json.dumps({"model": "poster-good", "prompt": heldout(stack, 1)[0], "max_tokens": 4,
+                           "stream": stream}).encode()
+        answer = raw_request(port, request_head("POST", b"/v1/completions"), body)
+        assert answer.status == 200 and answer.complete
+        assert len([v for n, v in answer.headers if n == b"date"]) == 1, answer.headers
+        assert not any(n == b"server" for n, _ in answer.headers)
+
+
 def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(stack, guarded, relay):
     port = port_of(guarded.url)
     mark = relay.mark()
