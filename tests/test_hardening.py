@@ -248,8 +248,16 @@ def test_stream_must_be_a_boolean_as_the_engine_would_read_it(stack, guarded, re
                            "stream_options": {"include_usage": value}}).encode()
         answer = raw_request(port_of(guarded.url), request_head("POST", b"/v1/completions"), body)
         assert answer.status == 400
+    # the other fields the proxy reads: vLLM would take "yes" as echo, "0" as max_tokens 0
+    for fields in ({"echo": "yes"}, {"echo": 1}, {"echo": True, "max_tokens": "0"},
+                   {"stream": True, "stream_options": {"continuous_usage_stats": "true"}}):
+        mark = relay.mark()
+        body = json.dumps({"model": "poster-good", "prompt": "x", "max_tokens": 4, **fields}).encode()
+        answer = raw_request(port_of(guarded.url), request_head("POST", b"/v1/completions"), body)
+        assert answer.status == 400 and answer.json()["error"]["message"].startswith("'"), fields
+        assert relay.since(mark) == []
     after = guarded.scrape()
-    assert delta(before, after, "loragate_rejected_requests_total", reason="invalid_field") == 7
+    assert delta(before, after, "loragate_rejected_requests_total", reason="invalid_field") == 11
     # a JSON boolean still streams, and null does not
     answer = raw_request(port_of(guarded.url), request_head("POST", b"/v1/completions"),
                          json.dumps({"model": "poster-good", "prompt": "x", "max_tokens": 3, "stream": None}).encode())
