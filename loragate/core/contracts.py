@@ -305,9 +305,10 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
         if key not in _JSON_FORMAT_KEYS:
             raise ContractError(f"{where}.target_json_format: unknown key {key!r}; allowed: "
                                 f"{', '.join(sorted(_JSON_FORMAT_KEYS))}")
-        if not isinstance(value, _JSON_FORMAT_KEYS[key]) or (isinstance(value, bool) and key == "indent") or (
-                key == "separators" and value is not None
-                and (len(value) != 2 or not all(isinstance(x, str) for x in value))):
+        bad_separators = key == "separators" and isinstance(value, list) and (
+            len(value) != 2 or not all(isinstance(x, str) for x in value))
+        if not isinstance(value, _JSON_FORMAT_KEYS[key]) or (isinstance(value, bool) and key == "indent") \
+                or bad_separators:
             raise ContractError(f"{where}.target_json_format.{key}: invalid value {value!r}")
     json_format = {k: (tuple(v) if k == "separators" and v is not None else v) for k, v in json_format.items()}
     gate_on_diagnosis = raw.get("gate_on_diagnosis", False)

@@ -291,7 +291,7 @@ def _token_id(token: Any) -> int:
 
 def references_from_expected(contract: Contract, records: Sequence[Any], limit: int) -> list[Reference]:
     """Held-out records (``prompt``, ``expected``) that carry a reference answer."""
-    out = []
+    out: list[Reference] = []
     for record in records:
         if record.expected is not None and len(out) < limit:
             answer = contract.reference_text(record.expected)

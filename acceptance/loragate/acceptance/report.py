@@ -448,12 +448,9 @@ def _demo_diagnosis(reports: Sequence[Mapping[str, Any]]) -> str:
     diagnoses = [(r["adapter"], r["diagnosis"]) for r in reports if (r.get("diagnosis") or {}).get("available")]
     if not diagnoses:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape('; '.join(f['text'].split(':')[0] for f in d['findings']) or 'no cause found')}</td></tr>"
-                   for name, d in diagnoses)
     return ("<h2>Diagnosis: why</h2><p class=muted>p(EOS) right after a complete reference answer and the answer's "
             "NLL, per adapter: red the adapter, grey the base model, green the promoted adapter; bars: 95% intervals "
-            "over prompts.</p>"
-            f"<table><tr><th>adapter</th><th>cause found</th></tr>{rows}</table>" + diagnosis_svg(diagnoses))
+            "over prompts. A cause found is each REJECT's first reason above.</p>" + diagnosis_svg(diagnoses))
 
 
 def gate_report(*, adapter: str, verdict: str, reasons: Sequence[str], notes: Sequence[str], endpoint: str,
