@@ -71,3 +71,15 @@ def test_a_cancelled_scoring_wait_releases_the_requests_behind_it() -> None:
         turns.leave(await late)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("body, refused", [
+    ({"prompt": "x", "echo": True, "logprobs": 1, "n": 2}, True),
+    ({"prompt": "x", "prompt_logprobs": 0, "best_of": 3}, True),
+    ({"prompt": "x", "prompt_logprobs": 0, "n": 1}, False),
+    ({"prompt": "x", "logprobs": 1, "n": 4}, False),  # no prompt log-probabilities: batching is safe
+])
+def test_prompt_logprobs_with_several_sequences_are_refused(body, refused) -> None:
+    from loragate.server.turns import refusal
+
+    assert (refusal(body) is not None) is refused

@@ -70,7 +70,7 @@ from loragate.server.metrics import ProxyMetrics
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.target import RequestTarget, TargetError, parse_target
-from loragate.server.turns import EngineTurns, needs_turn_alone
+from loragate.server.turns import EngineTurns, needs_turn_alone, refusal
 from loragate.server.upstream import (
     Upstream,
     UpstreamBroken,
@@ -602,6 +602,10 @@ class ProxyApp:
         if include_usage is not None and not isinstance(include_usage, bool):
             await self._refuse(send, 400, "invalid_field", "'stream_options.include_usage' must be a JSON boolean",
                                endpoint)
+            return
+        refused = refusal(request)
+        if refused is not None:
+            await self._refuse(send, 400, "invalid_field", refused, endpoint)
             return
         ex.adapter = self._adapter_names().label(request.get("model"))
         ex.stream = stream is True

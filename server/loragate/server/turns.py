@@ -31,6 +31,20 @@ def needs_turn_alone(request: Mapping[str, Any]) -> bool:
     return bool(request.get("echo")) and logprobs is not None and logprobs is not False
 
 
+def refusal(request: Mapping[str, Any]) -> str | None:
+    """Why the proxy refuses ``request`` (400) rather than let it kill the engine, else ``None``:
+    prompt log-probabilities with ``n`` (or ``best_of``) above 1 put several sequences of one
+    LoRA request in one batch, which a turn alone cannot prevent."""
+    if not needs_turn_alone(request):
+        return None
+    for field in ("n", "best_of"):
+        value = request.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return (f"prompt log-probabilities (prompt_logprobs, or echo with logprobs) with {field} > 1 are "
+                    "refused: vLLM 0.32 fails its engine on them for LoRA adapters; send one request per sequence")
+    return None
+
+
 class EngineTurns:
     """A readers-writer turnstile on one event loop: ordinary generating requests share the
     engine; a request that needs it alone waits for them to finish and holds back new ones while
