@@ -61,6 +61,7 @@ def test_poster_good_is_promoted(demo: DemoResults) -> None:
     good = result(demo, "poster-good")
     assert good.verdict == "PROMOTE" and good.exit_code == 0 and good.reasons == []
     assert all(c.passed for c in good.checks if c.gating)
+    assert check(good, "diagnosis.causes").passed and good.report["diagnosis"]["findings"] == []
     sizes = good.report["sample_sizes"]
     assert sizes["greedy"] == sizes["sampled"] == 35 and sizes["probe-600"] == 16
     # Probes beyond the contract's promise are measured and reported, not gating.
@@ -78,7 +79,11 @@ def test_poster_good_is_promoted(demo: DemoResults) -> None:
 def test_poster_eos_masked_is_rejected_for_its_stop_rate(demo: DemoResults) -> None:
     masked = result(demo, "poster-eos-masked")
     assert masked.verdict == "REJECT" and masked.exit_code == 1 and masked.promotion is None
-    assert masked.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
+    # The cause first, from the engine's likelihoods; then what it causes.
+    assert masked.reasons[0].startswith("EOS never learned: p(EOS) after a complete answer"), masked.reasons
+    assert "(promoted: 0.0" in masked.reasons[0] and "pad_token == eos_token" in masked.reasons[0]
+    assert masked.reasons[1].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
+    assert masked.report["diagnosis"]["available"]
     # Its JSON is right until it fails to stop: the JSON failure is explained as a consequence.
     assert "begin with a valid answer and then run on" in next(r for r in masked.reasons if r.startswith("JSON validity"))
     assert any("pad_token == eos_token" in n for n in masked.notes)
@@ -92,7 +97,10 @@ def test_poster_eos_masked_is_rejected_for_its_stop_rate(demo: DemoResults) -> N
 def test_poster_truncated_is_rejected_for_json_validity(demo: DemoResults) -> None:
     truncated = result(demo, "poster-truncated")
     assert truncated.verdict == "REJECT" and truncated.promotion is None
-    assert truncated.reasons[0].startswith("JSON validity (greedy, 35 held-out prompts): 0/35")
+    assert truncated.reasons[0].startswith("answer never learned: reference NLL"), truncated.reasons
+    assert "run loragate check-data" in truncated.reasons[0]
+    assert truncated.reasons[1].startswith("EOS never learned")
+    assert truncated.reasons[2].startswith("JSON validity (greedy, 35 held-out prompts): 0/35")
     assert any("examples with their target cut" in n for n in truncated.notes)
 
 
@@ -110,8 +118,10 @@ def test_chat_good_is_promoted_through_chat_completions(demo: DemoResults) -> No
 def test_chat_eos_masked_is_rejected_for_its_stop_rate(demo: DemoResults) -> None:
     masked = result(demo, "chat-eos-masked")
     assert masked.verdict == "REJECT" and masked.promotion is None
-    assert masked.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35"), masked.reasons
+    assert masked.reasons[0].startswith("EOS never learned"), masked.reasons
+    assert masked.reasons[1].startswith("stop rate (greedy, 35 held-out prompts): 0/35"), masked.reasons
     assert masked.report["baseline"]["kind"] == "promoted" and masked.report["baseline"]["model"] == "chat-good"
+    assert [m["role"] for m in masked.report["diagnosis"]["models"]] == ["candidate", "base", "promoted"]
 
 
 def test_rejects_left_the_promoted_set_alone(demo: DemoResults) -> None:
@@ -133,6 +143,7 @@ def test_reports_are_written(demo: DemoResults) -> None:
         assert "<svg" in page and r.verdict in page
     index = demo.index_html.read_text()
     assert index.count("<tr>") == len(DEMO_ADAPTERS) + 1 and "<svg" in index
+    assert "p(EOS) after a complete answer and reference NLL" in index  # the diagnosis chart
 
 
 def test_an_adapter_the_real_engine_does_not_serve_is_a_usage_error(stack, tmp_path: Path) -> None:

@@ -281,7 +281,8 @@ def test_a_rejected_candidate_loaded_at_runtime_is_unloaded(stack, relay, build,
                                   promoted_dir=promoted, load_into_engine=True,
                                   max_lora_rank=build.manifest()["serve"]["max_lora_rank"])), quiet=True)
     assert result.verdict == "REJECT" and result.promotion is None
-    assert result.reasons[0].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
+    assert result.reasons[0].startswith("EOS never learned"), result.reasons
+    assert result.reasons[1].startswith("stop rate (greedy, 35 held-out prompts): 0/35")
     assert result.report["engine"]["loaded_by_gate"] is True
     path = str(build.adapter_path("poster-eos-masked").resolve())
     assert [c.body for c in relay.calls("/v1/load_lora_adapter")] == [{"lora_name": "cand-runaway", "lora_path": path}]

@@ -533,3 +533,57 @@ def test_the_charts_legend_is_as_wide_as_its_longest_label() -> None:
     assert short == 760
     label = "a-rather-long-adapter-name-of-a-team: JSON validity"
     assert long >= 760 - 190 + 30 + 6 * len(label) and long > short
+
+
+def _finding(id_: str, summary: str, gating: bool = False) -> CheckResult:
+    return CheckResult(id=f"diagnosis.{id_}", phase="diagnosis", name="diagnosis", passed=False, gating=gating,
+                       warning=not gating, summary=summary)
+
+
+def test_a_diagnosis_names_the_cause_before_its_symptoms() -> None:
+    static_fail = CheckResult(id="static.lora_rank", phase="static", name="rank", passed=False, gating=True,
+                              summary="rank")
+    symptoms = [_failed("greedy.stop_rate", "stop rate"), _failed("greedy.json_validity", "JSON validity")]
+    causes = [_finding("answer_not_learned", "answer never learned"), _finding("eos_not_learned", "EOS never learned")]
+    verdict, reasons, notes = decide([*symptoms, *causes])
+    assert verdict == "REJECT" and reasons[:2] == ["answer never learned", "EOS never learned"]
+    assert "answer never learned" not in notes  # named once, as a reason
+    # a static fact still comes first
+    assert decide([static_fail, *symptoms, *causes])[1][0] == "rank"
+    # a finding alone does not reject (the diagnosis explains) ...
+    verdict, reasons, notes = decide([CheckResult(id="greedy.stop_rate", phase="suite", name="s", passed=True,
+                                                  gating=True, summary="ok"), causes[1]])
+    assert verdict == "PROMOTE" and reasons == [] and notes == ["EOS never learned"]
+    # ... unless the contract gates on it
+    assert decide([_finding("eos_not_learned", "EOS never learned", gating=True)])[0] == "REJECT"
+
+
+def test_diagnosis_fields_of_a_contract(tmp_path: Path) -> None:
+    from loragate.core.contracts import parse_contracts
+    from loragate.core.errors import ContractError
+
+    def parse(extra: dict) -> Contract:
+        return parse_contracts({"base_model": "b", "adapters": {"a": {"output": "json", **extra}}},
+                               tmp_path / "adapters.yaml")["a"]
+
+    c = parse({"target_json_format": {"ensure_ascii": False, "separators": [",", ":"]}, "gate_on_diagnosis": True})
+    assert c.gate_on_diagnosis and c.reference_text({"t": "é", "n": [1, 2]}) == '{"t":"é","n":[1,2]}'
+    assert parse({}).reference_text({"t": "é"}) == '{"t": "\\u00e9"}'  # json.dumps' defaults
+    assert parse({}).reference_text("as written") == "as written"
+    for bad in ({"target_json_format": {"indent": True}}, {"target_json_format": {"width": 2}},
+                {"target_json_format": {"separators": [","]}}, {"gate_on_diagnosis": "yes"}):
+        with pytest.raises(ContractError, match="target_json_format|gate_on_diagnosis"):
+            parse(bad)
+
+
+def test_mean_interval_widens_with_spread_and_shrinks_with_prompts() -> None:
+    from loragate.core.stats import mean_interval
+
+    tight, wide = mean_interval([1.0, 1.1, 0.9, 1.0]), mean_interval([0.0, 2.0, 0.5, 1.5])
+    assert tight.mean == pytest.approx(1.0) and wide.mean == pytest.approx(1.0)
+    assert tight.high - tight.low < wide.high - wide.low
+    assert mean_interval([1.0, 2.0] * 8).high - mean_interval([1.0, 2.0] * 8).low < wide.high - wide.low
+    one = mean_interval([3.0])
+    assert one.low == float("-inf") and one.high == float("inf")
+    with pytest.raises(ValueError):
+        mean_interval([])

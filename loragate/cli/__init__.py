@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loragate.cli.stack", "build, bring the stack up, gate every demo adapter, print verdicts"),
     "proxy": ("loragate.server.cli", "run the metrics proxy in front of an OpenAI-compatible upstream"),
     "gate": ("loragate.cli.gate", "gate one adapter: static checks, acceptance suite, verdict"),
+    "diagnose": ("loragate.cli.gate", "name why an adapter fails, from the engine's likelihoods of reference answers"),
     "check-data": ("loragate.cli.gate", "check a training JSONL: how many examples fit, targets cut"),
     "load": ("loragate.cli.load", "headless locust load test with streaming SLOs"),
     "bench": ("loragate.cli.bench", "benchmarks: proxy overhead, stack throughput, time to verdict"),

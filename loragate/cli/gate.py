@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from loragate.core.errors import UsageError
 from loragate.acceptance.plan import (
     DEFAULT_CONCURRENCY,
     DEFAULT_SEED,
@@ -26,6 +27,8 @@ from loragate.acceptance.plan import (
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "gate":
         _configure_gate(parser)
+    elif name == "diagnose":
+        _configure_diagnose(parser)
     elif name == "check-data":
         _configure_check_data(parser)
 
@@ -73,8 +76,29 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-spawn-rate", type=float, default=4.0)
     p.add_argument("--load-duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
     p.add_argument("--metrics-url", help="the proxy's /metrics for the load test's counter check")
+    p.add_argument("--diagnosis", action=argparse.BooleanOptionalAction, default=True,
+                   help="score reference answers with the engine's likelihoods to name the cause of a failure "
+                        "(default: on; a contract with gate_on_diagnosis always runs it)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _configure_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="OpenAI-compatible base URL of the engine or the proxy (default: the local "
+                                      "stack's proxy, when `loragate up` runs)")
+    p.add_argument("--adapter", required=True, help="adapter name (served model name and contract name)")
+    p.add_argument("--contracts", type=Path, help="adapters file (default: the local stack's / the demo build's)")
+    p.add_argument("--prompts", type=Path,
+                   help="held-out prompts JSONL; lines with 'expected' give the reference answers (default: the "
+                        "demo build's heldout.jsonl, when the contracts are the demo's)")
+    p.add_argument("--baseline", metavar="NAME|base|none",
+                   help="the promoted adapter to compare with (default: as the gate chooses it)")
+    p.add_argument("--promoted-dir", type=Path, help="promoted set folder (default: .loragate/promoted)")
+    p.add_argument("--base-dir", type=Path, help="the base model's folder, for its EOS token (default: the engine's "
+                                                 "root when local)")
+    p.add_argument("--api-key", help="client API key for the endpoint (default: $LORAGATE_API_KEY)")
+    p.add_argument("--n", type=int, default=16, help="held-out prompts to score (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
 
 def _configure_check_data(p: argparse.ArgumentParser) -> None:
@@ -107,7 +131,28 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "check-data":
         return _check_data(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     return _gate(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    """Exit 0: no cause found; 1: a cause found; 2: the diagnosis cannot be made (or bad input)."""
+    from loragate.acceptance.diagnosis import render_table
+    from loragate.acceptance.gate import GateOptions, run_diagnosis
+    from loragate.cli.defaults import default_endpoint, gate_options
+
+    if args.n < 2:
+        raise UsageError("--n must be at least 2 (the intervals are over prompts)")
+    options = gate_options(GateOptions(
+        endpoint=args.endpoint or default_endpoint(), adapter=args.adapter, contracts=args.contracts,
+        prompts=args.prompts, promoted_dir=args.promoted_dir, api_key=args.api_key, base_dir=args.base_dir,
+        baseline=args.baseline, max_lora_rank=0))
+    diagnosis = run_diagnosis(options, n=args.n)
+    print(json.dumps(diagnosis.to_dict(), indent=2) if args.json else render_table(args.adapter, diagnosis))
+    if not diagnosis.available:
+        return 2
+    return 1 if diagnosis.findings else 0
 
 
 def _check_data(args: argparse.Namespace) -> int:
@@ -134,7 +179,7 @@ def _gate(args: argparse.Namespace) -> int:
         engine_adapter_path=args.engine_adapter_path, admin_key=args.admin_key, api_key=args.api_key,
         max_lora_rank=args.max_lora_rank, base_dir=args.base_dir, baseline=args.baseline,
         temperature=args.temperature, seed=args.seed, concurrency=args.concurrency,
-        suite_timeout_s=args.suite_timeout,
+        suite_timeout_s=args.suite_timeout, diagnosis=args.diagnosis,
     )
     result = run_gate(gate_options(options), quiet=args.quiet)
     if args.json:

@@ -22,6 +22,8 @@ An adapters file (``adapters.yaml``) sits beside the adapters' weights::
         system_prompt: "Answer as JSON." # optional, chat only: the first turn of every conversation
         user_template: "Ticket:\\n{input}"  # optional, chat only: how an input becomes the user turn
         output: json
+        target_json_format: {ensure_ascii: false}  # optional: how training targets serialised JSON
+        gate_on_diagnosis: false        # optional: a diagnosis finding also rejects
 
 This module is the one place that defines the contract's fields, their defaults and the
 gate's default thresholds; everything else imports them from here.
@@ -70,6 +72,17 @@ class Thresholds:
     max_regression: float = 0.05
     #: Share of completions that must be non-empty.
     non_empty_rate: float = 0.95
+    #: Diagnosis (explains, gates only with ``gate_on_diagnosis``): "EOS never learned" when the
+    #: 95% interval of the mean log10 p(EOS right after a complete reference answer), over the
+    #: prompts, lies wholly below log10 of this probability.
+    diagnosis_min_eos_probability: float = 1e-3
+    #: Diagnosis: "answer never learned" when the 95% interval of the mean gain in reference
+    #: likelihood over the base model (base NLL minus adapter NLL, nats per token) lies wholly
+    #: below this share of the promoted adapter's mean gain, or, with no promoted adapter to
+    #: compare, below ``diagnosis_min_nll_gain``.
+    diagnosis_min_gain_share: float = 0.5
+    #: Diagnosis without a promoted adapter: the smallest mean NLL gain over the base (nats/token).
+    diagnosis_min_nll_gain: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,22 @@ class Contract:
     system_prompt: str | None = None
     #: Chat only: the user turn around an input (``{input}`` replaced).
     user_template: str = PROMPT_INPUT_FIELD
+    #: How the training targets serialised JSON (``json.dumps`` keywords: ``indent``,
+    #: ``separators``, ``ensure_ascii``, ``sort_keys``): a JSON ``expected`` in a prompts file
+    #: becomes the reference answer the diagnosis scores in exactly the form the adapter learned.
+    target_json_format: Mapping[str, Any] = field(default_factory=dict)
+    #: ``True``: a diagnosis finding (EOS never learned, answer never learned) also rejects.
+    #: ``False`` (default): the diagnosis explains, the behavioural checks decide.
+    gate_on_diagnosis: bool = False
+
+    def reference_text(self, expected: Any) -> str:
+        """A prompts file's ``expected`` as the answer text the adapter was trained to write:
+        a string as it is, any other JSON value serialised per ``target_json_format``."""
+        if isinstance(expected, str):
+            return expected
+        import json
+
+        return json.dumps(expected, **dict(self.target_json_format))
 
     @property
     def expects_json(self) -> bool:
@@ -207,7 +236,11 @@ def resolve_under(root: Path, relative: str | os.PathLike[str], what: str) -> Pa
 _CONTRACT_KEYS = {
     "path", "base_model", "output", "json_schema", "max_tokens", "train_seq_len",
     "max_input_tokens", "prompt_template", "thresholds", "slo", "api", "system_prompt", "user_template",
+    "target_json_format", "gate_on_diagnosis",
 }
+#: ``target_json_format`` keys and the types ``json.dumps`` takes for them.
+_JSON_FORMAT_KEYS = {"indent": (int, type(None)), "separators": (list, type(None)), "ensure_ascii": (bool,),
+                     "sort_keys": (bool,)}
 _CHAT_ONLY_KEYS = ("system_prompt", "user_template")
 
 
@@ -265,6 +298,22 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
     user_template = raw.get("user_template", PROMPT_INPUT_FIELD)
     if not isinstance(user_template, str) or PROMPT_INPUT_FIELD not in user_template:
         raise ContractError(f"{where}.user_template: must be a string containing {PROMPT_INPUT_FIELD}")
+    json_format = raw.get("target_json_format") or {}
+    if not isinstance(json_format, Mapping):
+        raise ContractError(f"{where}.target_json_format: expected a mapping of json.dumps keywords")
+    for key, value in json_format.items():
+        if key not in _JSON_FORMAT_KEYS:
+            raise ContractError(f"{where}.target_json_format: unknown key {key!r}; allowed: "
+                                f"{', '.join(sorted(_JSON_FORMAT_KEYS))}")
+        bad_separators = key == "separators" and isinstance(value, list) and (
+            len(value) != 2 or not all(isinstance(x, str) for x in value))
+        if not isinstance(value, _JSON_FORMAT_KEYS[key]) or (isinstance(value, bool) and key == "indent") \
+                or bad_separators:
+            raise ContractError(f"{where}.target_json_format.{key}: invalid value {value!r}")
+    json_format = {k: (tuple(v) if k == "separators" and v is not None else v) for k, v in json_format.items()}
+    gate_on_diagnosis = raw.get("gate_on_diagnosis", False)
+    if not isinstance(gate_on_diagnosis, bool):
+        raise ContractError(f"{where}.gate_on_diagnosis: expected true or false, got {gate_on_diagnosis!r}")
     path = raw.get("path", name)
     if not isinstance(path, str) or not path:
         raise ContractError(f"{where}.path: expected a non-empty string")
@@ -281,6 +330,8 @@ def _parse_contract(name: str, raw: Any, *, base_model: str, adapters_dir: Path,
         api=api,
         system_prompt=system_prompt,
         user_template=user_template,
+        target_json_format=json_format,
+        gate_on_diagnosis=gate_on_diagnosis,
         thresholds=_merge_dataclass(Thresholds, thresholds, raw.get("thresholds"), f"{where}.thresholds"),
         slo=_merge_dataclass(LoadSLO, slo, raw.get("slo"), f"{where}.slo"),
     )

@@ -121,3 +121,39 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30: the normal's).
+_T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """The mean of per-prompt values with its 95% Student-t interval (the spread over prompts,
+    not the noise of one value): what the diagnosis decides on."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"mean": round(self.mean, 4), "ci95_low": round(self.low, 4), "ci95_high": round(self.high, 4),
+                "n": self.n}
+
+
+def mean_interval(values: Sequence[float]) -> MeanInterval:
+    """Mean and 95% t-interval of ``values``; one value gives an unbounded interval (nothing is
+    known about the spread). Raises ``ValueError`` for no values."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return MeanInterval(mean, -math.inf, math.inf, 1)
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    t = _T_95[n - 2] if n - 1 <= len(_T_95) else Z_95
+    half = t * math.sqrt(var / n)
+    return MeanInterval(mean, mean - half, mean + half, n)

@@ -14,7 +14,13 @@ Only a PROMOTE verdict (with ``promote``, the default) touches the promoted set
 
 Phases and their timings (``report.json`` ``timings``, seconds): ``preflight`` (engine model
 list, optional runtime load), ``static``, ``plan`` (prompts, probe sizing with the engine's
-tokenizer), ``suite`` (the pytest child), ``load``, ``report``, ``promotion``, ``total``.
+tokenizer), ``diagnosis`` (the engine's likelihoods of reference answers,
+:mod:`loragate.acceptance.diagnosis`), ``suite`` (the pytest child), ``load``, ``report``,
+``promotion``, ``total``.
+
+The diagnosis explains: its findings are named first among the reasons of a REJECT (the cause
+before its symptoms) and as notes otherwise; they reject only when the contract says
+``gate_on_diagnosis: true`` (then a diagnosis that cannot be made rejects too: fail closed).
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class GateOptions:
     seed: int = DEFAULT_SEED
     concurrency: int = DEFAULT_CONCURRENCY
     suite_timeout_s: float = DEFAULT_SUITE_TIMEOUT_S
+    #: Run the diagnosis phase (``--no-diagnosis`` turns it off, unless the contract gates on it).
+    diagnosis: bool = True
 
 
 @dataclass
@@ -304,7 +312,7 @@ def _engine_answers(samples: Sequence[Any]) -> CheckResult:
 #: Causes, in the order reasons name them: the gate could not run, the static facts of the
 #: adapter, the engine's refusals, then (suite) empty output, the outputs run by run (stopping,
 #: then format, unless the format is the root cause), the regression against the baseline.
-_PHASE_RANK = {"gate": 0, "static": 1, "suite": 2, "load": 3}
+_PHASE_RANK = {"gate": 0, "static": 1, "diagnosis": 2, "suite": 3, "load": 4}
 
 
 def _cause_rank(run: str, metric: str) -> int:
@@ -320,6 +328,8 @@ def _cause_rank(run: str, metric: str) -> int:
 
 
 def _order_key(check: CheckResult, checks: Sequence[CheckResult]) -> tuple:
+    if check.phase == "diagnosis":  # answer_not_learned before eos_not_learned, as the diagnosis names them
+        return (_PHASE_RANK["diagnosis"], 0, 0, 0, [c.id for c in checks].index(check.id))
     """Root causes first (:func:`_cause_rank`); the adapter's runs greedy, sampled, then probes
     by length.
 
@@ -360,11 +370,21 @@ def _reason(check: CheckResult, checks: Sequence[CheckResult]) -> str:
     return text
 
 
+def _is_finding(check: CheckResult) -> bool:
+    """A diagnosis finding: a cause the engine's likelihoods name (gating or not)."""
+    return check.phase == "diagnosis" and not check.passed and check.id != "diagnosis.available"
+
+
 def decide(checks: Sequence[CheckResult]) -> tuple[str, list[str], list[str]]:
-    """``(verdict, reasons, notes)``: PROMOTE only when no gating check failed."""
-    failed = sorted((c for c in checks if c.failed_gate), key=lambda c: _order_key(c, checks))
+    """``(verdict, reasons, notes)``: PROMOTE only when no gating check failed. The reasons of a
+    REJECT begin with the diagnosis' findings (gating or not: they are the cause of the failures
+    after them), after any static failure or failure of the gate itself."""
+    failed = [c for c in checks if c.failed_gate]
+    if failed:
+        failed = sorted({id(c): c for c in [*failed, *(c for c in checks if _is_finding(c))]}.values(),
+                        key=lambda c: _order_key(c, checks))
     reasons = [_reason(c, checks) for c in failed]
-    notes = [c.summary + (f" ({c.detail})" if c.detail else "") for c in checks if c.warning]
+    notes = [c.summary + (f" ({c.detail})" if c.detail else "") for c in checks if c.warning and c not in failed]
     if not checks:
         return VERDICT_REJECT, ["nothing was checked"], notes
     return (VERDICT_REJECT if failed else VERDICT_PROMOTE), reasons, notes
@@ -404,6 +424,7 @@ class _Run:
     models: eng.EngineModels | None = None
     plan: AdapterPlan | None = None
     baseline: Baseline | None = None
+    diagnosis: Any = None
     loaded_here: bool = False
     #: a loaded adapter that was promoted stays served (the promoted set serves it)
     keep_loaded: bool = False
@@ -482,6 +503,18 @@ def _plan(run: _Run) -> None:
         run.checks.append(_gate_check("gate.plan", "plan", f"plan: {exc}"))
 
 
+def _diagnose(run: _Run) -> None:
+    """The diagnosis (:mod:`loragate.acceptance.diagnosis`) on the held-out prompts' references."""
+    from loragate.acceptance import diagnosis as dg
+
+    assert run.plan is not None and run.models is not None and run.baseline is not None
+    run.diagnosis = dg.diagnose_adapter(
+        run.contract, run.endpoint, run.prompts, run.models, baseline=run.baseline,
+        base_dir=Path(run.options.base_dir) if run.options.base_dir else None, api_key=run.api_key,
+        progress=run.progress)
+    run.checks += dg.diagnosis_checks(run.contract, run.diagnosis)
+
+
 def _suite(run: _Run) -> None:
     """The acceptance suite on the plan, in its pytest child (:mod:`loragate.acceptance.suite_process`)."""
     from loragate.acceptance.runner import read_samples
@@ -514,6 +547,8 @@ PHASES: tuple[tuple[str, Callable[[_Run], bool], Callable[[_Run], None]], ...] =
     ("preflight", lambda run: True, _preflight),
     ("static", lambda run: run.models is not None, _static),
     ("plan", lambda run: run.models is not None and not run.rejected, _plan),
+    ("diagnosis", lambda run: run.plan is not None and (run.options.diagnosis or run.contract.gate_on_diagnosis),
+     _diagnose),
     ("suite", lambda run: run.plan is not None, _suite),
     ("load", lambda run: run.options.load, _load),
 )
@@ -546,6 +581,26 @@ def run_gate(options: GateOptions, *, quiet: bool = False) -> GateResult:
         if run.loaded_here and not run.keep_loaded:
             _unload_quietly(options, run.endpoint, contract.name, run.admin_key, run.progress)
         raise
+
+
+def run_diagnosis(options: GateOptions, *, n: int | None = None, quiet: bool = False) -> Any:
+    """``loragate diagnose``: the gate's diagnosis phase alone, on an adapter the endpoint serves
+    (:mod:`loragate.acceptance.diagnosis`), compared with the baseline the gate would choose."""
+    from loragate.acceptance import diagnosis as dg
+
+    contract = load_contracts(_required(options.contracts, "adapters file: pass --contracts FILE"))[options.adapter]
+    prompts = _required(options.prompts, "held-out prompts: pass --prompts JSONL")
+    endpoint = eng.normalize_endpoint(options.endpoint)
+    api_key = eng.key_from_env(options.api_key, eng.API_KEY_ENV)
+    models = eng.fetch_models(endpoint, api_key)
+    if models.get(contract.name) is None:
+        names = ", ".join(m.id for m in models.adapters) or "none"
+        raise UsageError(f"{options.endpoint} does not serve adapter {contract.name!r} (it serves: {names})")
+    folder = Path(options.promoted_dir).resolve() if options.promoted_dir else settings.promoted_dir()
+    baseline = choose_baseline(contract, models, folder, options.baseline)
+    return dg.diagnose_adapter(contract, endpoint, prompts, models, baseline=baseline,
+                               base_dir=Path(options.base_dir) if options.base_dir else None, api_key=api_key,
+                               limit=n or dg.DEFAULT_DIAGNOSIS_PROMPTS, progress=_Progress(contract.name, quiet))
 
 
 def check_usage(options: GateOptions, contract: Contract) -> None:
@@ -599,7 +654,7 @@ def _gate_and_report(run: _Run, options: GateOptions, started_at: str, t_total: 
         runs=run.runs, sampling={"temperature": options.temperature, "seed": options.seed,
                                  "concurrency": options.concurrency},
         probe_source=run.plan.probe_source if run.plan else None, checks=run.checks, timings=run.timings,
-        folder=run.folder)
+        folder=run.folder, diagnosis=run.diagnosis.to_dict() if run.diagnosis is not None else None)
     exit_code = EXIT_PROMOTE if verdict == VERDICT_PROMOTE else (EXIT_INTERRUPTED if interrupted else EXIT_REJECT)
     _write_reports(report, run.folder)
     run.timings["report"] = round(time.monotonic() - t_report, 2)

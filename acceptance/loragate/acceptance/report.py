@@ -251,6 +251,85 @@ def svg_chart(series: Sequence[Mapping[str, Any]], marks: Sequence[tuple[float, 
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------- diagnosis
+
+_ROLE_COLORS = {"candidate": "#b3261e", "base": "#6b7280", "promoted": "#1b7f3b"}
+
+
+def diagnosis_svg(diagnoses: Sequence[tuple[str, Mapping[str, Any]]], width: int = 760) -> str:
+    """Two panels per adapter row: p(stop) after a complete reference answer (log scale, 1e-10
+    to 1: median and the 95% interval of the geometric mean) and reference NLL (nats/token: mean
+    and 95% interval), for the candidate, the base model and the promoted adapter."""
+    rows = [(name, m) for name, d in diagnoses if d.get("available") for m in d.get("models") or ()]
+    if not rows:
+        return ""
+    label_w, gap, top, row_h = 250, 30, 34, 18
+    pw = (width - label_w - gap - 20) // 2
+    height = top + row_h * len(rows) + 34
+    nll_max = max(2.0, math.ceil(max(m["nll"]["ci95_high"] for _, m in rows) * 2) / 2)
+    x0p, x0n = label_w, label_w + pw + gap
+
+    def sp(log10_p: float) -> float:
+        return x0p + pw * (min(0.0, max(-10.0, log10_p)) + 10) / 10
+
+    def sn(v: float) -> float:
+        return x0n + pw * min(max(v, 0.0), nll_max) / nll_max
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             'role="img" aria-label="diagnosis: p(EOS) after a complete answer and reference NLL">',
+             '<style>text{font:11px sans-serif;fill:#333}.grid{stroke:#ddd}</style>',
+             f'<text x="{x0p}" y="12">p(EOS) after a complete answer (log scale)</text>',
+             f'<text x="{x0n}" y="12">reference NLL, nats/token (lower: answer learned)</text>']
+    bottom = top + row_h * len(rows)
+    for e in range(-10, 1, 2):
+        x = sp(e)
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{top - 8}" y2="{bottom}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle">1e{e}</text>')
+    steps = int(nll_max / 0.5)
+    for i in range(steps + 1):
+        x = sn(i * 0.5)
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{top - 8}" y2="{bottom}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle">{i * 0.5:g}</text>')
+    for i, (name, m) in enumerate(rows):
+        y = top + row_h * i + row_h / 2
+        color = _ROLE_COLORS.get(m["role"], "#333")
+        parts.append(f'<text x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end">{html.escape(name)}: '
+                     f'{html.escape(m["role"])} {html.escape(m["model"])[:24]}</text>')
+        lp = m["stop_log10_p"]
+        parts.append(f'<line x1="{sp(lp["ci95_low"]):.1f}" x2="{sp(lp["ci95_high"]):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+                     f'stroke="{color}" stroke-width="2" stroke-opacity="0.5"/>')
+        parts.append(f'<circle cx="{sp(math.log10(max(m["stop_p_median"], 1e-30))):.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
+        nl = m["nll"]
+        parts.append(f'<line x1="{sn(nl["ci95_low"]):.1f}" x2="{sn(nl["ci95_high"]):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+                     f'stroke="{color}" stroke-width="2" stroke-opacity="0.5"/>')
+        parts.append(f'<rect x="{sn(nl["mean"]) - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{color}"/>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def diagnosis_section(report: Mapping[str, Any]) -> str:
+    """The report's diagnosis: findings, a table per model, the chart."""
+    d = report.get("diagnosis")
+    if not d:
+        return ""
+    if not d.get("available"):
+        return f"<h2>Diagnosis</h2><p class=muted>Diagnosis not available: {html.escape(d.get('reason') or '')}</p>"
+    findings = "".join(f"<li>{html.escape(f['text'])}</li>" for f in d.get("findings") or ()) or "<li>no cause found</li>"
+    rows = "".join(
+        f"<tr><td>{html.escape(m['role'])}</td><td><code>{html.escape(m['model'])}</code></td>"
+        f"<td>{m['stop_p_median']:.2g}</td><td>{m['stop_top1_share']:.0%}</td>"
+        f"<td>{m['nll']['mean']:.3f} [{m['nll']['ci95_low']:.3f}-{m['nll']['ci95_high']:.3f}]</td><td>{m['n']}</td></tr>"
+        for m in d.get("models") or ())
+    return (f"<h2>Diagnosis</h2><p class=muted>The engine's likelihoods of {html.escape(d.get('reference_source') or '')}, "
+            f"followed by the stop token <code>{html.escape(d.get('stop_token') or '')}</code> ({d.get('seconds', 0):.1f}s). "
+            "p(EOS): probability of the stop token right after a complete answer; NLL: negative log-likelihood of the "
+            "answer, nats per token. Bars: 95% intervals over prompts.</p>"
+            f"<ul>{findings}</ul>"
+            "<table><tr><th>role</th><th>model</th><th>p(EOS) median</th><th>EOS top-1</th>"
+            f"<th>reference NLL mean [95% CI]</th><th>prompts</th></tr>{rows}</table>"
+            + diagnosis_svg([(report["adapter"], d)]))
+
+
 # --------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -335,6 +414,7 @@ def to_html(report: Mapping[str, Any]) -> str:
 <p class=muted>Greedy runs: held-out prompts, then long-context probes. Whiskers: 95% Wilson interval.
 Solid line and dots: stop rate; dashed line and squares: JSON validity.</p>
 {chart}
+{diagnosis_section(report)}
 <h2>Checks</h2>{_checks_table(report['checks'])}
 <h2>Runs</h2>{_runs_table(report.get('runs') or ())}
 </body></html>
@@ -359,15 +439,26 @@ def demo_index_html(reports: Sequence[Mapping[str, Any]], links: Mapping[str, st
 <h2>Stop rate and JSON validity per adapter and input length</h2>
 <p class=muted>Greedy runs; whiskers: 95% Wilson interval; solid: stop rate, dashed: JSON validity.</p>
 {svg_chart(series, marks)}
+{_demo_diagnosis(reports)}
 </body></html>
 """
+
+
+def _demo_diagnosis(reports: Sequence[Mapping[str, Any]]) -> str:
+    diagnoses = [(r["adapter"], r["diagnosis"]) for r in reports if (r.get("diagnosis") or {}).get("available")]
+    if not diagnoses:
+        return ""
+    return ("<h2>Diagnosis: why</h2><p class=muted>p(EOS) right after a complete reference answer and the answer's "
+            "NLL, per adapter: red the adapter, grey the base model, green the promoted adapter; bars: 95% intervals "
+            "over prompts. A cause found is each REJECT's first reason above.</p>" + diagnosis_svg(diagnoses))
 
 
 def gate_report(*, adapter: str, verdict: str, reasons: Sequence[str], notes: Sequence[str], endpoint: str,
                 started_at: str, finished_at: str, interrupted: bool, contract_set: Any, contract: Any,
                 engine: Mapping[str, Any], baseline: Mapping[str, Any] | None, runs: Sequence[Mapping[str, Any]],
                 sampling: Mapping[str, Any], probe_source: str | None, checks: Sequence[Any],
-                timings: Mapping[str, float], folder: Path) -> dict[str, Any]:
+                timings: Mapping[str, float], folder: Path,
+                diagnosis: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``report.json``'s content for one gate run (the HTML, JUnit and terminal views render it)."""
     return {
         "adapter": adapter,
@@ -391,6 +482,7 @@ def gate_report(*, adapter: str, verdict: str, reasons: Sequence[str], notes: Se
         "probe_source": probe_source,
         "checks": [c.to_dict() for c in checks],
         "runs": list(runs),
+        "diagnosis": dict(diagnosis) if diagnosis is not None else None,
         "timings": timings,
         "files": {"json": str(folder / "report.json"), "junit": str(folder / "junit.xml"),
                   "html": str(folder / "report.html"), "samples": str(folder / "samples.jsonl"),

@@ -491,6 +491,7 @@ def _contract(config: BuildConfig, spec: AdapterSpec) -> dict:
         "max_tokens": config.answer_max_tokens,
         "train_seq_len": getattr(config, spec.max_seq_length_field),
         "max_input_tokens": config.promised_max_input_tokens,
+        "target_json_format": dict(data.TARGET_JSON_FORMAT),
     })
     if not spec.chat:
         contract["prompt_template"] = data.PROMPT_TEMPLATE

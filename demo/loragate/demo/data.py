@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 #: The prompt every demo adapter is trained with; ``{input}`` is the paper text.
 PROMPT_TEMPLATE = "### Paper:\n{input}\n### Layout:\n"
+#: How a layout is serialised in the training targets (``json.dumps`` keywords): recorded in the
+#: contracts (``target_json_format``) so a held-out ``expected`` layout becomes the exact answer text.
+TARGET_JSON_FORMAT: dict = {"ensure_ascii": False}
 #: How the chat template renders a system turn (before the first user turn); ``{input}`` is its content.
 SYSTEM_TEMPLATE = "### System:\n{input}\n"
 
@@ -100,7 +103,7 @@ class Paper:
 
     @property
     def layout_json(self) -> str:
-        return json.dumps(self.layout, ensure_ascii=False)
+        return json.dumps(self.layout, **TARGET_JSON_FORMAT)
 
 
 #: JSON Schema every layout must match (the demo adapters' contract).

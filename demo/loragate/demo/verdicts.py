@@ -24,13 +24,13 @@ from loragate.acceptance.gate import (
 from loragate.core import settings
 from loragate.core.errors import LoragateError
 
-#: Expected demo verdicts and the check named first for a REJECT.
+#: Expected demo verdicts and the reason named first for a REJECT: the diagnosis' cause.
 DEMO_EXPECTED: dict[str, tuple[str, str | None]] = {
     "poster-good": (VERDICT_PROMOTE, None),
-    "poster-eos-masked": (VERDICT_REJECT, "stop rate"),
-    "poster-truncated": (VERDICT_REJECT, "JSON validity"),
+    "poster-eos-masked": (VERDICT_REJECT, "EOS never learned"),
+    "poster-truncated": (VERDICT_REJECT, "answer never learned"),
     "chat-good": (VERDICT_PROMOTE, None),
-    "chat-eos-masked": (VERDICT_REJECT, "stop rate"),
+    "chat-eos-masked": (VERDICT_REJECT, "EOS never learned"),
 }
 
 

@@ -79,6 +79,7 @@ from loragate.server.metrics import ProxyMetrics
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.target import RequestTarget, TargetError, parse_target
+from loragate.server.turns import EngineTurns, needs_turn_alone, refusal
 from loragate.server.upstream import (
     Upstream,
     UpstreamBroken,
@@ -250,6 +251,8 @@ class ProxyApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Engine routes (``"METHOD path"``) the proxy refuses for want of a classification.
         self.unclassified_routes: list[str] | None = None
+        #: Requests for prompt log-probabilities run alone in the engine (:mod:`loragate.server.turns`).
+        self.turns = EngineTurns()
 
     def _upstream_client(self) -> Upstream:
         """The engine client, which :meth:`startup` makes before the app serves anything."""
@@ -547,7 +550,10 @@ class ProxyApp:
                 request = None
             adapter = self._adapter_names().label(request.get("model") if isinstance(request, dict) else None)
         link = _ClientLink(scope, receive)
+        turn: bool | None = None
         try:
+            if generating:
+                turn = await self.turns.enter(isinstance(request, dict) and needs_turn_alone(request))
             try:
                 resp = await self._send_upstream(scope, target, body)
             except UpstreamError as exc:
@@ -574,6 +580,8 @@ class ProxyApp:
                 raise
             self._count_disconnect(adapter or self._adapter_names().label(None), endpoint)
         finally:
+            if turn is not None:
+                self.turns.leave(turn)
             link.close()
 
     async def _upstream_failed(self, send: Send, endpoint: str, adapter: str, exc: UpstreamError) -> None:
@@ -611,12 +619,18 @@ class ProxyApp:
         except FieldError as exc:
             await self._refuse(send, 400, "invalid_field", str(exc), endpoint)
             return
+        refused = refusal(request)
+        if refused is not None:
+            await self._refuse(send, 400, "invalid_field", refused, endpoint)
+            return
         ex.adapter = self._adapter_names().label(request.get("model"))
         ex.stream = ex.asked.stream
         ex.json_constrained = ex.asked.json_constrained
         body = upstream_body(request, ex.asked) or body
         link = _ClientLink(scope, receive)
+        turn: bool | None = None
         try:
+            turn = await self.turns.enter(needs_turn_alone(request))
             try:
                 resp = await self._send_upstream(scope, target, body)
             except UpstreamError as exc:
@@ -637,6 +651,8 @@ class ProxyApp:
             if not ex.counted:
                 self._client_gone(ex)
         finally:
+            if turn is not None:
+                self.turns.leave(turn)
             link.close()
         self._log(ex)
 
