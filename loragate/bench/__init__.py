@@ -58,6 +58,8 @@ TARGET_ADDED_P99_MS = 3.0
 TARGET_CPU_PER_REQUEST_US = 300.0
 TARGET_CPU_PER_CHUNK_US = 20.0
 TARGET_STACK_TOKENS_RATIO = 0.98
+#: ``loragate diagnose`` for one demo adapter, wall time on 2 cores (warm engine).
+TARGET_DIAGNOSE_S = 15.0
 TARGET_VERDICT_S = 120.0
 
 #: Seed of the coin that orders each round's two blocks (direct or proxied first): a fixed,
@@ -561,9 +563,23 @@ def bench_verdict(info: Any, adapter: str, report_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise LoragateError(f"the gate wrote no readable report.json in {report_dir} (exit {proc.returncode}): "
                             f"{exc}\n{proc.stderr[-2000:]}") from exc
-    return {"adapter": adapter, "wall_s": wall, "exit_code": proc.returncode, "verdict": report.get("verdict"),
-            "requests": sum(r.get("n", 0) for r in report.get("runs", [])),
-            "phases_s": report.get("timings", {}), "report_dir": str(report_dir)}
+    result = {"adapter": adapter, "wall_s": wall, "exit_code": proc.returncode, "verdict": report.get("verdict"),
+              "requests": sum(r.get("n", 0) for r in report.get("runs", [])),
+              "phases_s": report.get("timings", {}), "report_dir": str(report_dir)}
+    # The diagnosis alone, as `loragate diagnose` runs it (a fresh process, the engine warm from the gate).
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "diagnose", "--endpoint", info.proxy_url, "--adapter", adapter,
+         "--contracts", str(info.contracts_file), "--json"], capture_output=True, text=True)
+    diagnose_wall = time.perf_counter() - t0
+    try:
+        diagnosis = json.loads(proc.stdout)
+    except ValueError as exc:
+        raise LoragateError(f"loragate diagnose printed no JSON (exit {proc.returncode}): {proc.stderr[-2000:]}") from exc
+    result["diagnose"] = {"wall_s": diagnose_wall, "own_s": diagnosis.get("seconds"), "exit_code": proc.returncode,
+                          "available": diagnosis.get("available"),
+                          "findings": [f["id"] for f in diagnosis.get("findings") or ()]}
+    return result
 
 
 def _rounds(n: int) -> str:
@@ -652,6 +668,11 @@ def print_tables(result: dict) -> None:
         print(f"\nTime to verdict ({r['adapter']}): {r['wall_s']:.1f}s (target < {TARGET_VERDICT_S:.0f}s), "
               f"verdict {r['verdict']} (exit {r['exit_code']}), {r['requests']} completions; "
               f"phases: {phases or 'not reported'}")
+        d = r.get("diagnose")
+        if d:
+            print(f"Diagnosis alone (loragate diagnose {r['adapter']}): {d['wall_s']:.1f}s wall, "
+                  f"{_fmt(d['own_s'], '.1f')}s scoring (target < {TARGET_DIAGNOSE_S:.0f}s), "
+                  f"findings: {', '.join(d['findings']) or 'none'} (exit {d['exit_code']})")
 
 
 #: The benchmarks ``loragate bench`` runs, in order.

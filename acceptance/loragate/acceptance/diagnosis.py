@@ -356,7 +356,7 @@ def decide(contract: Contract, candidate: ModelSummary, base: ModelSummary | Non
                 vs += f" and promoted {statistics.fmean(promoted.nll):.2f}"
             findings.append((ANSWER_NOT_LEARNED, (
                 f"answer never learned: reference NLL {statistics.fmean(candidate.nll):.2f} nats/token vs {vs}, "
-                f"gain over the base {gain.mean:.2f} [95% CI {gain.low:.2f}-{gain.high:.2f}] under the bar "
+                f"gain over the base {gain.mean:.2f} [95% CI {gain.low:.2f} to {gain.high:.2f}] under the bar "
                 f"{bar:.2f}; {USUAL_CAUSES[ANSWER_NOT_LEARNED]}")))
     stop = mean_interval(candidate.log10_stop)
     bar_log10 = math.log10(t.diagnosis_min_eos_probability)
@@ -370,7 +370,7 @@ def decide(contract: Contract, candidate: ModelSummary, base: ModelSummary | Non
         text = "EOS never learned: " + ", ".join(parts)
         if promoted is not None:
             text += f" (promoted: {promoted.median_stop_p:.1g})"
-        text += f"; 95% CI of its geometric mean {_p(stop.low)}-{_p(stop.high)} under the bar " \
+        text += f"; 95% CI of its geometric mean {_p(stop.low)} to {_p(stop.high)} under the bar " \
                 f"{t.diagnosis_min_eos_probability:g}"
         if answer_missing:
             text += " (it never saw the end of an answer either)"

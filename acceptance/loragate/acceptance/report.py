@@ -263,7 +263,13 @@ def diagnosis_svg(diagnoses: Sequence[tuple[str, Mapping[str, Any]]], width: int
     rows = [(name, m) for name, d in diagnoses if d.get("available") for m in d.get("models") or ()]
     if not rows:
         return ""
-    label_w, gap, top, row_h = 250, 30, 34, 18
+
+    def label(name: str, m: Mapping[str, Any]) -> str:
+        return name if m["role"] == "candidate" else f"  {m['role']}: {m['model']}"
+
+    label_w = max(120, 16 + math.ceil(6.5 * max(len(label(n, m)) for n, m in rows)))
+    gap, top, row_h = 30, 34, 18
+    width = max(width, label_w + gap + 20 + 2 * 220)
     pw = (width - label_w - gap - 20) // 2
     height = top + row_h * len(rows) + 34
     nll_max = max(2.0, math.ceil(max(m["nll"]["ci95_high"] for _, m in rows) * 2) / 2)
@@ -293,8 +299,8 @@ def diagnosis_svg(diagnoses: Sequence[tuple[str, Mapping[str, Any]]], width: int
     for i, (name, m) in enumerate(rows):
         y = top + row_h * i + row_h / 2
         color = _ROLE_COLORS.get(m["role"], "#333")
-        parts.append(f'<text x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end">{html.escape(name)}: '
-                     f'{html.escape(m["role"])} {html.escape(m["model"])[:24]}</text>')
+        parts.append(f'<text x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end" xml:space="preserve">'
+                     f'{html.escape(label(name, m))}</text>')
         lp = m["stop_log10_p"]
         parts.append(f'<line x1="{sp(lp["ci95_low"]):.1f}" x2="{sp(lp["ci95_high"]):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
                      f'stroke="{color}" stroke-width="2" stroke-opacity="0.5"/>')
