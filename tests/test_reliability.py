@@ -467,7 +467,9 @@ def test_engine_killed_mid_stream(stack, engine, tmp_path):
     engine.wait_ready()
     proxy = start_proxy(engine.url, tmp_path, contracts=stack.contracts_file)
     try:
-        assert httpx.get(f"{proxy.url}/ready", timeout=10).status_code == 200
+        # /ready asks the engine's /health with a 2 s deadline: on a loaded machine the first
+        # answer may come late, so the precondition is waited for (the kill is what is tested)
+        assert wait_for(lambda: httpx.get(f"{proxy.url}/ready", timeout=10).status_code == 200, 30)
         prompt = heldout(stack, 1, offset=5)[0]
         lines: list[str] = []
         health: list[int] = []
