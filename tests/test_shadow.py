@@ -215,3 +215,28 @@ def test_shadows_beyond_max_in_flight_are_skipped_and_a_gone_client_keeps_its_sh
         assert paired == judged
     finally:
         shadowed.stop()
+
+
+def test_a_chat_adapter_is_shadowed_through_the_chat_route(stack, contracts, tmp_path) -> None:
+    """Chat answers (a message, not a text) are judged for the candidate as for the live adapter:
+    live chat-good, candidate chat-eos-masked, one streamed and one whole request."""
+    config = {"shadows": [{"live": "chat-good", "candidate": "chat-eos-masked", "share": 1.0}]}
+    shadowed = start_proxy(stack.vllm_url, tmp_path, contracts=contracts, config=config)
+    try:
+        from conftest import heldout_inputs
+
+        for i, paper in enumerate(heldout_inputs(stack, 2, offset=20)):
+            body = {"model": "chat-good", "messages": [{"role": "user", "content": paper}], "max_tokens": 24,
+                    "temperature": 0, "stream": i == 1}
+            assert httpx.post(f"{shadowed.url}/v1/chat/completions", json=body, timeout=180).status_code == 200
+        samples = _settled(shadowed)
+        labels = {"candidate": "chat-eos-masked", "live": "chat-good"}
+        assert sample(samples, "loragate_shadow_requests_total", **labels, outcome="judged") == 2
+        assert sum(v for (name, lab), v in samples.items() if name == "loragate_shadow_completions_total"
+                   and dict(lab)["candidate"] == "chat-eos-masked") == 2
+        assert sum(v for (name, lab), v in samples.items() if name == "loragate_shadow_json_outputs_total"
+                   and dict(lab)["candidate"] == "chat-eos-masked") == 2
+        assert sum(v for (name, lab), v in samples.items() if name == "loragate_shadow_paired_total"
+                   and dict(lab)["metric"] == "stop" and dict(lab)["candidate"] == "chat-eos-masked") == 2
+    finally:
+        shadowed.stop()
