@@ -562,19 +562,88 @@ def bench_shadow(concurrencies: list[int], requests: int, rounds: int, placement
 
 
 def _shadow_outcomes(port: int) -> dict[str, float]:
-    """The shadow requests a proxy has counted so far, by outcome."""
+    """The shadow requests a proxy has counted so far, by outcome (and, under ``tokens``, the
+    tokens generated for shadows; under ``live_tokens``, for live requests)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from loragate.core.metric_names import SHADOW_REQUESTS, total
+    from loragate.core.metric_names import OUTPUT_TOKENS, SHADOW_OUTPUT_TOKENS, SHADOW_REQUESTS, total
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == total(SHADOW_REQUESTS):
-                out[s.labels["outcome"]] = out.get(s.labels["outcome"], 0.0) + s.value
+            key = {total(SHADOW_REQUESTS): s.labels.get("outcome"), total(SHADOW_OUTPUT_TOKENS): "tokens",
+                   total(OUTPUT_TOKENS): "live_tokens"}.get(s.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + s.value
     return out
+
+
+def bench_shadow_stack(info: Any, adapter: str, candidate: str, share: float, requests: int, concurrency: int,
+                       rounds: int) -> dict:
+    """Benchmark 5: shadows on the real local stack: live streams of ``adapter`` through a proxy
+    without shadows and through one shadowing ``share`` of them with ``candidate``, both in front
+    of the stack's vLLM, in rounds as :func:`_compare` runs them.
+
+    What the shadows cost the engine shows twice: the tokens generated for shadows against the
+    live tokens, counted by the shadowing proxy (``shadow_tokens_per_live_token``), and the live
+    streams' tokens/s through the shadowing proxy as a share of those through the other
+    (``tokens_per_s_ratio``: the engine's time the shadows took from live requests, with the
+    proxy's own cost in it). ``info`` is the running local stack.
+    """
+    from loragate.core.contracts import load_contracts
+
+    contract = load_contracts(info.contracts_file)[adapter]
+    prompt = json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
+    body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    shadows = [{"live": adapter, "candidate": candidate, "share": share, "max_in_flight": concurrency * 2}]
+    off_port, on_port = free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for port, with_shadows in ((off_port, False), (on_port, True)):
+            env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
+            env.pop("LORAGATE_PROXY_SHADOWS", None)
+            if with_shadows:
+                env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", info.vllm_url,
+                 "--contracts", str(info.contracts_file), "--host", "127.0.0.1", "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+            _wait_http(f"http://127.0.0.1:{port}/health")
+        print(f"[bench shadow-stack] {adapter} shadowed by {candidate} at share {share:g}: {rounds} x {requests} "
+              "streamed requests each way ...", file=sys.stderr, flush=True)
+        before = _shadow_outcomes(on_port)
+        result = asyncio.run(_compare(f"http://127.0.0.1:{off_port}/v1/completions",
+                                      f"http://127.0.0.1:{on_port}/v1/completions", body, concurrency, requests,
+                                      rounds, procs[1].pid))
+        # the shadows of the last requests end after their live answers
+        deadline = time.monotonic() + 300
+        while not _shadows_idle(on_port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = _shadow_outcomes(on_port)
+        shadow = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        result.update(adapter=adapter, candidate=candidate, share=share, shadows=shadow,
+                      shadow_tokens_per_live_token=(shadow.get("tokens", 0) / shadow["live_tokens"]
+                                                    if shadow.get("live_tokens") else None))
+        return result
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+def _shadows_idle(port: int) -> bool:
+    """Whether a proxy has no shadow running."""
+    import httpx
+
+    from loragate.core.metric_names import SHADOWS_IN_FLIGHT
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return all(float(line.rsplit(" ", 1)[1]) == 0 for line in text.splitlines()
+               if line.startswith(SHADOWS_IN_FLIGHT + "{"))
 
 
 def bench_stack(info: Any, adapter: str, requests: int, concurrency: int, rounds: int,
@@ -742,6 +811,16 @@ def print_tables(result: dict) -> None:
             iv = r["added_p50_ms_rounds"]
             if iv["n"]:
                 print(f"      p50 added per round, {_rounds(iv['n'])}: median {iv['median']:.2f} ms{_spread(iv, '.2f')}")
+    if result.get("shadow_stack"):
+        r = result["shadow_stack"]
+        iv = r.get("tokens_per_s_ratio_rounds") or {"n": 0}
+        ratio = (f"; per round, {_rounds(iv['n'])}: median {_fmt(iv['median'], '.3f')}{_spread(iv, '.3f')}"
+                 if iv["n"] else "")
+        print(f"\nShadows on the real stack ({r['adapter']} shadowed by {r['candidate']} at share {r['share']:g}, "
+              f"concurrency {r['concurrency']}): live tokens/s with shadows / without "
+              f"{_fmt(r.get('tokens_per_s_ratio'), '.3f')}{ratio}; added p50 {_fmt(r['added_p50_ms'])} ms; shadow "
+              f"tokens per live token {_fmt(r.get('shadow_tokens_per_live_token'), '.3f')}; shadows "
+              f"{r['shadows'].get('judged', 0):.0f} judged, {r['shadows'].get('skipped', 0):.0f} skipped")
     if result.get("verdict"):
         r = result["verdict"]
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["phases_s"].items() if isinstance(v, (int, float)))
@@ -751,4 +830,4 @@ def print_tables(result: dict) -> None:
 
 
 #: The benchmarks ``loragate bench`` runs, in order.
-BENCHMARKS = ("proxy", "stack", "verdict", "shadow")
+BENCHMARKS = ("proxy", "stack", "verdict", "shadow", "shadow-stack")

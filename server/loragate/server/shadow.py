@@ -113,18 +113,20 @@ class Shadows:
                 continue
             self._running[key] = self._running.get(key, 0) + 1
             self._metrics.shadows_in_flight.labels(c.candidate, c.live).inc()
-            body = {k: v for k, v in request.items() if k != "stream_options"}
-            body["model"] = c.candidate
-            body["stream"] = False
             task = asyncio.get_running_loop().create_task(
-                self._run(c, upstream, turns, names, target, headers, json.dumps(body).encode(), asked, live))
+                self._run(c, upstream, turns, names, target, headers, request, asked, live))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, c: ShadowConfig, upstream: Upstream, turns: EngineTurns, names: AdapterNames,
-                   target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, asked: Asked,
+                   target: bytes, headers: list[tuple[bytes, bytes]], request: dict, asked: Asked,
                    live: "asyncio.Future[LiveOutcome]") -> None:
         started = time.perf_counter()
+        # built here, in the shadow's task: the live request's path only starts it
+        shadow = {k: v for k, v in request.items() if k != "stream_options"}
+        shadow["model"] = c.candidate
+        shadow["stream"] = False
+        body = json.dumps(shadow).encode()
         m = self._metrics
         outcome = "cancelled"  # logged only: a shadow cancelled at shutdown is not counted
         details: dict[str, Any] = {}
