@@ -240,3 +240,56 @@ def test_a_chat_adapter_is_shadowed_through_the_chat_route(stack, contracts, tmp
                    and dict(lab)["metric"] == "stop" and dict(lab)["candidate"] == "chat-eos-masked") == 2
     finally:
         shadowed.stop()
+
+
+def test_gate_shadow_sums_the_replicas_prometheus_scrapes(stack, contracts, tmp_path) -> None:
+    """Two shadowing proxies (two replicas) scraped by a real Prometheus: ``gate --shadow
+    --prometheus`` judges the sum of both."""
+    import time
+
+    from test_prometheus import tool
+
+    from loragate.stack import free_port
+
+    replicas = [_proxy(stack, tmp_path, contracts, "poster-eos-masked") for _ in range(2)]
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "loragate-proxy", "static_configs": [
+            {"targets": [r.url.removeprefix("http://") for r in replicas]}]}]}))
+    prometheus = subprocess.Popen([tool("prometheus"), f"--config.file={config}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        sent = [2, 3]
+        prompts = heldout(stack, sum(sent), offset=30)
+        for replica, n in zip(replicas, sent):
+            for _ in range(n):
+                assert _ask(replica.url, prompts.pop(), False, 16)[0] == 200
+            _settled(replica)
+        query = 'sum(loragate_shadow_requests_total{candidate="poster-eos-masked",outcome="judged"})'
+
+        def scraped() -> bool:
+            try:
+                result = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                return False
+            return bool(result) and float(result[0]["value"][1]) == sum(sent)
+
+        assert wait_for(scraped, 60, 0.5), "Prometheus did not see both replicas' shadows"
+        time.sleep(2)  # one more scrape of every series
+        out = subprocess.run([sys.executable, "-m", "loragate.cli", "gate", "--shadow", "--adapter", "poster-eos-masked",
+                              "--contracts", str(contracts), "--prometheus", url, "--report-dir", str(tmp_path / "r"),
+                              "--no-promote", "--quiet"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stdout + out.stderr
+        report = json.loads((tmp_path / "r" / "report.json").read_text())
+        stop = _check(report, "shadow.stop_rate")
+        assert stop["measured"]["n"] == sum(sent) and stop["measured"]["successes"] == 0
+        assert _check(report, "shadow.paired_stop_rate")["measured"]["neither"] == sum(sent)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
+        for r in replicas:
+            r.stop()
