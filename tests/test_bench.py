@@ -201,7 +201,7 @@ def test_bench_takes_all_three_by_default_and_names_an_unknown_one():
 
     parser = argparse.ArgumentParser()
     bench.configure(parser, "bench")
-    assert parser.parse_args([]).which == []  # a bare `loragate bench` parses (all three run)
+    assert parser.parse_args([]).which == []  # a bare `loragate bench` parses (all five run)
     assert parser.parse_args(["stack", "verdict"]).which == ["stack", "verdict"]
     with pytest.raises(LoragateError, match="unknown benchmark 'speed': choose from proxy, stack, verdict"):
         bench.run(parser.parse_args(["speed"]))

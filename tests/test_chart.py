@@ -464,6 +464,21 @@ def test_proxy_env_names_are_settings_the_proxy_reads() -> None:
     assert proxy_vars and proxy_vars <= {ENV_PREFIX + field.upper() for field in _TYPES}
 
 
+def test_shadow_values_reach_the_proxy_as_the_settings_it_reads() -> None:
+    from loragate.server.config import ShadowConfig, load_config
+
+    assert "LORAGATE_PROXY_SHADOWS" not in env_of(container(render(), "proxy"))
+    env = env_of(container(render(set_json={"proxy.shadows": [
+        {"live": "poster-good", "candidate": "poster-v2", "share": 0.1, "maxInFlight": 2},
+        {"live": "poster-good", "candidate": "poster-v3", "share": 1}]}), "proxy"))
+    config = load_config(env={"LORAGATE_PROXY_SHADOWS": env["LORAGATE_PROXY_SHADOWS"]}, upstream="http://e",
+                         contracts="adapters.yaml")
+    assert config.shadows == (ShadowConfig("poster-good", "poster-v2", 0.1, 2),
+                              ShadowConfig("poster-good", "poster-v3", 1.0))
+    err = render_error(set_json={"proxy.shadows": [{"live": "a", "candidate": "b", "share": 0}]})
+    assert "at '/proxy/shadows/0/share'" in err, err
+
+
 def test_probes_fit_slow_model_loads() -> None:
     docs = render()
     proxy, vllm = container(docs, "proxy"), container(docs, "vllm")

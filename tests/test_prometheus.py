@@ -19,9 +19,9 @@ from conftest import heldout, start_proxy
 
 from loragate.core.contracts import Thresholds, load_contracts, parse_contracts
 from loragate.core.judging import ConstraintResult, FinishClass, JsonResult, LengthCause, judge_completion
-from loragate.core.metric_names import OTHER_ADAPTER, UPSTREAM_ERROR_KINDS
+from loragate.core.metric_names import OTHER_ADAPTER, SHADOW_PAIRED_METRICS, SHADOW_PAIRS, UPSTREAM_ERROR_KINDS
 from loragate.server.app import ProxyApp
-from loragate.server.config import ProxyConfig
+from loragate.server.config import ProxyConfig, ShadowConfig
 from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,9 @@ def test_alert_bars_are_the_gates_thresholds():
     for alert, bar in bars.items():
         found = re.search(r"ratio_rate5m < ([0-9.]+)", rules[alert]["expr"])
         assert found and float(found.group(1)) == bar, f"{alert} fires below {found and found.group(1)}, gate bar {bar}"
+    # a shadow candidate is worse than live by more than the gate's allowed drop
+    found = re.search(r"ratio_rate1h < (-[0-9.]+)", rules["LoragateShadowCandidateWorseThanLive"]["expr"])
+    assert found and float(found.group(1)) == -Thresholds().max_regression
 
 
 #: Every label value each counter the rules read takes besides ``adapter``.
@@ -62,6 +65,11 @@ LABEL_VALUES = {
     "loragate_json_constrained_outputs_total": {("result", v.value) for v in ConstraintResult},
     "loragate_upstream_errors_total": {("kind", v) for v in UPSTREAM_ERROR_KINDS},
     "loragate_scoring_requests_total": {None},
+}
+#: The shadow counters the rules read (labelled candidate and live, never adapter).
+SHADOW_LABEL_VALUES = {
+    "loragate_shadow_completions_total": {("finish_reason", v.value) for v in FinishClass},
+    "loragate_shadow_paired_total": {(("metric", m), ("pair", p)) for m in SHADOW_PAIRED_METRICS for p in SHADOW_PAIRS},
 }
 _SELECTOR = re.compile(r'(?<![:\w])(loragate_\w+)(?:\{([^}]*)\})?|\{__name__=~"([^"]+)"\}')
 _MATCHER = re.compile(r'(\w+)\s*(=~|!=|=)\s*"([^"]*)"')
@@ -90,7 +98,7 @@ def _matches(labels: dict, matchers: list[tuple[str, str, str]]) -> bool:
 
 def test_the_rules_read_only_counters_whose_label_values_are_known():
     selected = {metric for _, metric, _ in rule_selectors()}
-    assert selected == set(LABEL_VALUES), selected ^ set(LABEL_VALUES)
+    assert selected == set(LABEL_VALUES) | set(SHADOW_LABEL_VALUES), selected ^ (set(LABEL_VALUES) | set(SHADOW_LABEL_VALUES))
 
 
 def test_every_series_an_alert_reads_exists_at_0_for_every_known_adapter_before_its_first_request(tmp_path):
@@ -127,10 +135,42 @@ def test_every_series_an_alert_reads_exists_at_0_for_every_known_adapter_before_
             assert have == (values if metric != "loragate_json_outputs_total" or adapter == "json-adapter"
                             else set()), (adapter, metric)
         for rule, metric, matchers in rule_selectors():
+            if metric in SHADOW_LABEL_VALUES:
+                continue  # no adapter label: the test below
             if metric == "loragate_json_outputs_total" and adapter != "json-adapter":
                 continue
             assert any(name == metric and labels["adapter"] == adapter and _matches(labels, matchers)
                        for name, labels, _ in samples), (rule, metric, matchers, adapter)
+
+
+def test_every_series_a_shadow_rule_reads_exists_at_0_for_each_configured_pair_only(tmp_path):
+    """A fresh proxy with two shadows: every label combination of every shadow counter the rules
+    read exists at 0 for each configured (candidate, live) pair, every selector of the shadow
+    rules finds its series for each pair, and no other pair has any."""
+    contracts = parse_contracts({"base_model": "base", "adapters_dir": str(tmp_path), "adapters": {
+        "v1": {"path": "a", "output": "json"}, "v2": {"path": "b", "output": "json"},
+        "v3": {"path": "c", "output": "text"}}}, tmp_path / "adapters.yaml")
+    shadows = (ShadowConfig("v1", "v2", 0.1), ShadowConfig("v1", "v3", 1.0))
+    app = ProxyApp(ProxyConfig(upstream="http://127.0.0.1:9", shadows=shadows), contracts)
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = [(s.name, s.labels, s.value) for family in text_string_to_metric_families(
+        generate_latest(app.metrics.registry).decode()) for s in family.samples if s.name.startswith("loragate_shadow") and not s.name.endswith("_created")]
+    assert samples and all(value == 0 for _, _, value in samples)
+    pairs = {(labels["candidate"], labels["live"]) for _, labels, _ in samples}
+    assert pairs == {("v2", "v1"), ("v3", "v1")}
+    for candidate, live in pairs:
+        for metric, values in SHADOW_LABEL_VALUES.items():
+            have = set()
+            for name, labels, _ in samples:
+                if name == metric and (labels["candidate"], labels["live"]) == (candidate, live):
+                    rest = tuple(sorted((k, v) for k, v in labels.items() if k not in ("candidate", "live")))
+                    have.add(rest[0] if len(rest) == 1 else rest)
+            assert have == values, (candidate, metric)
+        for rule, metric, matchers in rule_selectors():
+            if metric in SHADOW_LABEL_VALUES:
+                assert any(name == metric and labels["candidate"] == candidate and _matches(labels, matchers)
+                           for name, labels, _ in samples), (rule, metric, matchers, candidate)
 
 
 @pytest.mark.stack

@@ -21,6 +21,11 @@ Three benchmarks, each printing a table and adding to one JSON result:
    requests together in the same blocks, where the engine's swings from block to block fall on
    both sides alike: the proxied streams' tokens/s as a share of the direct ones'.
 3. ``verdict``: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
+4. ``shadow``: what shadows add to live requests: the same load through a proxy without
+   shadows and through one that shadows a share of them (``--shadow-share``, default every
+   request; ``max_in_flight`` high enough that none is skipped) on the bench upstream, compared as the ``proxy`` benchmark compares
+   direct and proxied (added latency p50/p99 per request, and the shadowing proxy's CPU per live
+   request, its shadows' work included).
 
 Direct and proxied blocks come in rounds of one each, in an order a seeded coin picks per round
 (:data:`ORDER_SEED`), so drift in the machine's load falls on both sides alike and no rhythm of
@@ -497,6 +502,152 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def bench_shadow(concurrencies: list[int], requests: int, rounds: int, placement: Placement | None = None,
+                 share: float = 1.0) -> list[dict]:
+    """Benchmark 4: live requests through a proxy without shadows vs one shadowing ``share`` of them.
+
+    Both proxies front the same instant bench upstream (:mod:`loragate.bench.upstream`, which
+    answers the candidate as it answers any model) with the same contracts; the shadowing one
+    sends each live request's shadow to it too, judges and counts it. Rows are :func:`_compare`'s
+    with the proxy without shadows as the "direct" side: ``added_*`` is what shadowing adds to a
+    live request, ``proxy_cpu_us_per_request`` the shadowing proxy's CPU per live request. Each
+    row also has ``shadows``: the shadow outcomes the shadowing proxy counted in its block.
+    """
+    from loragate.bench.upstream import MODEL
+
+    candidate = "bench-candidate"
+    workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-shadow-"))
+    contracts = workdir / "adapters.yaml"
+    contracts.write_text(f"base_model: bench-base\nadapters:\n  {MODEL}:\n    output: json\n    max_tokens: 64\n"
+                         f"  {candidate}:\n    output: json\n    max_tokens: 64\n")
+    shadows = [{"live": MODEL, "candidate": candidate, "share": share, "max_in_flight": max(concurrencies) * 2}]
+    up_port, off_port, on_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        with on_cpus(placement.load if placement else None):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "loragate.bench.upstream", "--port", str(up_port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_http(f"http://127.0.0.1:{up_port}/health")
+            with on_cpus(placement.measured if placement else None):
+                for port, with_shadows in ((off_port, False), (on_port, True)):
+                    env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
+                    env.pop("LORAGATE_PROXY_SHADOWS", None)
+                    if with_shadows:
+                        env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
+                         "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(port)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                    _wait_http(f"http://127.0.0.1:{port}/health")
+            results = []
+            for stream in (False, True):
+                body = {"model": MODEL, "prompt": "bench", "max_tokens": 16, "stream": stream}
+                for c in concurrencies:
+                    print(f"[bench shadow] concurrency {c}, {'streamed' if stream else 'not streamed'} ...",
+                          file=sys.stderr, flush=True)
+                    before = _shadow_outcomes(on_port)
+                    row = asyncio.run(_compare(
+                        f"http://127.0.0.1:{off_port}/v1/completions", f"http://127.0.0.1:{on_port}/v1/completions",
+                        body, c, max(requests, c * 4), rounds, procs[2].pid))
+                    after = _shadow_outcomes(on_port)
+                    row["shadows"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    row["share"] = share
+                    results.append(row)
+        return results
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _shadow_outcomes(port: int) -> dict[str, float]:
+    """The shadow requests a proxy has counted so far, by outcome (and, under ``tokens``, the
+    tokens generated for shadows; under ``live_tokens``, for live requests)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loragate.core.metric_names import OUTPUT_TOKENS, SHADOW_OUTPUT_TOKENS, SHADOW_REQUESTS, total
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = {total(SHADOW_REQUESTS): s.labels.get("outcome"), total(SHADOW_OUTPUT_TOKENS): "tokens",
+                   total(OUTPUT_TOKENS): "live_tokens"}.get(s.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def bench_shadow_stack(info: Any, adapter: str, candidate: str, share: float, requests: int, concurrency: int,
+                       rounds: int) -> dict:
+    """Benchmark 5: shadows on the real local stack: live streams of ``adapter`` through a proxy
+    without shadows and through one shadowing ``share`` of them with ``candidate``, both in front
+    of the stack's vLLM, in rounds as :func:`_compare` runs them.
+
+    What the shadows cost the engine shows twice: the tokens generated for shadows against the
+    live tokens, counted by the shadowing proxy (``shadow_tokens_per_live_token``), and the live
+    streams' tokens/s through the shadowing proxy as a share of those through the other
+    (``tokens_per_s_ratio``: the engine's time the shadows took from live requests, with the
+    proxy's own cost in it). ``info`` is the running local stack.
+    """
+    from loragate.core.contracts import load_contracts
+
+    contract = load_contracts(info.contracts_file)[adapter]
+    prompt = json.loads(Path(info.heldout_prompts).read_text().splitlines()[0])["prompt"]
+    body = {"model": adapter, "prompt": prompt, "max_tokens": contract.max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    shadows = [{"live": adapter, "candidate": candidate, "share": share, "max_in_flight": concurrency * 2}]
+    off_port, on_port = free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for port, with_shadows in ((off_port, False), (on_port, True)):
+            env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
+            env.pop("LORAGATE_PROXY_SHADOWS", None)
+            if with_shadows:
+                env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", info.vllm_url,
+                 "--contracts", str(info.contracts_file), "--host", "127.0.0.1", "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+            _wait_http(f"http://127.0.0.1:{port}/health")
+        print(f"[bench shadow-stack] {adapter} shadowed by {candidate} at share {share:g}: {rounds} x {requests} "
+              "streamed requests each way ...", file=sys.stderr, flush=True)
+        before = _shadow_outcomes(on_port)
+        result = asyncio.run(_compare(f"http://127.0.0.1:{off_port}/v1/completions",
+                                      f"http://127.0.0.1:{on_port}/v1/completions", body, concurrency, requests,
+                                      rounds, procs[1].pid))
+        # the shadows of the last requests end after their live answers
+        deadline = time.monotonic() + 300
+        while not _shadows_idle(on_port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = _shadow_outcomes(on_port)
+        shadow = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        result.update(adapter=adapter, candidate=candidate, share=share, shadows=shadow,
+                      shadow_tokens_per_live_token=(shadow.get("tokens", 0) / shadow["live_tokens"]
+                                                    if shadow.get("live_tokens") else None))
+        return result
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+def _shadows_idle(port: int) -> bool:
+    """Whether a proxy has no shadow running."""
+    import httpx
+
+    from loragate.core.metric_names import SHADOWS_IN_FLIGHT
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return all(float(line.rsplit(" ", 1)[1]) == 0 for line in text.splitlines()
+               if line.startswith(SHADOWS_IN_FLIGHT + "{"))
+
+
 def bench_stack(info: Any, adapter: str, requests: int, concurrency: int, rounds: int,
                 shared_cpus: bool = False) -> dict:
     """Benchmark 2: output tokens/s through the proxy vs direct, on the real local stack.
@@ -662,6 +813,30 @@ def print_tables(result: dict) -> None:
                   f"{_fmt(m['direct_stream_tokens_per_s'], '.1f')}, via proxy {_fmt(m['proxy_stream_tokens_per_s'], '.1f')}; "
                   f"ratio per block, {_rounds(iv['n'])}: median {_fmt(iv['median'], '.3f')}{spread}; target "
                   f"{against_target(iv, TARGET_STACK_TOKENS_RATIO, higher_is_better=True)}")
+    if result.get("shadow"):
+        share = result["shadow"][0].get("share", 1.0) if result["shadow"] else 1.0
+        print(f"\nShadows (bench upstream; a proxy shadowing a share {share:g} of requests vs one without shadows; "
+              "added = with minus without)")
+        print(f"{'conc':>5} {'stream':>6} {'added p50 ms':>12} {'added p99 ms':>12} {'req/s ratio':>11} "
+              f"{'CPU us/req':>10} {'shadows judged':>14} {'skipped':>7}")
+        for r in result["shadow"]:
+            print(f"{r['concurrency']:>5} {'yes' if r['stream'] else 'no':>6} {_fmt(r['added_p50_ms']):>12} "
+                  f"{_fmt(r['added_p99_ms']):>12} {_fmt(r['requests_per_s_ratio']):>11} "
+                  f"{_fmt(r['proxy_cpu_us_per_request'], '.0f'):>10} {r['shadows'].get('judged', 0):>14.0f} "
+                  f"{r['shadows'].get('skipped', 0):>7.0f}")
+            iv = r["added_p50_ms_rounds"]
+            if iv["n"]:
+                print(f"      p50 added per round, {_rounds(iv['n'])}: median {iv['median']:.2f} ms{_spread(iv, '.2f')}")
+    if result.get("shadow_stack"):
+        r = result["shadow_stack"]
+        iv = r.get("tokens_per_s_ratio_rounds") or {"n": 0}
+        ratio = (f"; per round, {_rounds(iv['n'])}: median {_fmt(iv['median'], '.3f')}{_spread(iv, '.3f')}"
+                 if iv["n"] else "")
+        print(f"\nShadows on the real stack ({r['adapter']} shadowed by {r['candidate']} at share {r['share']:g}, "
+              f"concurrency {r['concurrency']}): live tokens/s with shadows / without "
+              f"{_fmt(r.get('tokens_per_s_ratio'), '.3f')}{ratio}; added p50 {_fmt(r['added_p50_ms'])} ms; shadow "
+              f"tokens per live token {_fmt(r.get('shadow_tokens_per_live_token'), '.3f')}; shadows "
+              f"{r['shadows'].get('judged', 0):.0f} judged, {r['shadows'].get('skipped', 0):.0f} skipped")
     if result.get("verdict"):
         r = result["verdict"]
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["phases_s"].items() if isinstance(v, (int, float)))
@@ -676,4 +851,4 @@ def print_tables(result: dict) -> None:
 
 
 #: The benchmarks ``loragate bench`` runs, in order.
-BENCHMARKS = ("proxy", "stack", "verdict")
+BENCHMARKS = ("proxy", "stack", "verdict", "shadow", "shadow-stack")

@@ -12,6 +12,8 @@ from pathlib import Path
 from loragate.bench import (
     BENCHMARKS,
     bench_proxy,
+    bench_shadow,
+    bench_shadow_stack,
     bench_stack,
     bench_verdict,
     chunk_costs,
@@ -25,8 +27,8 @@ from loragate.core.errors import LoragateError
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     # No argparse choices here: with nargs="*" argparse checks the empty default against them
     # and refuses a bare `loragate bench`; the names are checked in run().
-    parser.add_argument("which", nargs="*", metavar="{proxy,stack,verdict}",
-                        help="benchmarks to run (default: all three; stack and verdict need `loragate up`)")
+    parser.add_argument("which", nargs="*", metavar="{proxy,stack,verdict,shadow,shadow-stack}",
+                        help="benchmarks to run (default: all five; stack, verdict and shadow-stack need `loragate up`)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=400, help="requests per block (proxy benchmark)")
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxy block pairs per setting")
@@ -41,6 +43,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                              "the proxy alone on the last CPU, the client and upstream on the others); stack: "
                              "leave the engine's API server and engine core floating (default: on the engine's "
                              "cores, the proxy on the others)")
+    parser.add_argument("--shadow-share", type=float, default=1.0,
+                        help="shadow benchmark: the share of live requests shadowed (default 1: every one)")
+    parser.add_argument("--shadow-candidate", default="poster-eos-masked",
+                        help="shadow-stack benchmark: the candidate shadowing --adapter (default: the demo's "
+                             "runaway, the most tokens a candidate can cost)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -73,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
                                       args.itl_ms, placement)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
-    if "stack" in which or "verdict" in which:
+    if "shadow" in which:
+        placement = split_cpus(shared=args.shared_cpus)
+        if not 0 < args.shadow_share <= 1:
+            raise LoragateError(f"--shadow-share must be in (0, 1], not {args.shadow_share:g}")
+        result["shadow"] = bench_shadow(args.concurrency, args.requests, args.rounds, placement, args.shadow_share)
+    if "stack" in which or "verdict" in which or "shadow-stack" in which:
         from loragate.stack import running_stack
 
         info = running_stack()
@@ -82,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     if "stack" in which:
         result["stack"] = bench_stack(info, args.adapter, args.stack_requests, args.stack_concurrency, args.rounds,
                                       shared_cpus=args.shared_cpus)
+    if "shadow-stack" in which:
+        if not 0 < args.shadow_share <= 1:
+            raise LoragateError(f"--shadow-share must be in (0, 1], not {args.shadow_share:g}")
+        result["shadow_stack"] = bench_shadow_stack(info, args.adapter, args.shadow_candidate, args.shadow_share,
+                                                    args.stack_requests, args.stack_concurrency, args.rounds)
     out = args.out or settings.reports_dir() / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if "verdict" in which:
         result["verdict"] = bench_verdict(info, args.adapter, out.with_name(f"{out.stem}-gate-{args.adapter}"))

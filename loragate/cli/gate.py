@@ -79,6 +79,13 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagnosis", action=argparse.BooleanOptionalAction, default=True,
                    help="score reference answers with the engine's likelihoods to name the cause of a failure "
                         "(default: on; a contract with gate_on_diagnosis always runs it)")
+    p.add_argument("--shadow", action="store_true",
+                   help="judge the adapter (a candidate) on what it answered to live traffic as a proxy shadow: its "
+                        "loragate_shadow_* counters from --metrics-url (a proxy's /metrics) or --prometheus URL (every "
+                        "replica summed), the contract's bars plus the paired comparison with the live adapter; no "
+                        "request is sent")
+    p.add_argument("--prometheus", metavar="URL", help="with --shadow: Prometheus base URL to query")
+    p.add_argument("--live", metavar="NAME", help="with --shadow: the live adapter shadowed (default: the only one)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -166,9 +173,32 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _shadow_gate(args: argparse.Namespace) -> int:
+    from loragate.acceptance.shadow_gate import ShadowGateOptions, run_shadow_gate
+    from loragate.cli.defaults import default_contracts
+    from loragate.core.engine import API_KEY_ENV, key_from_env
+
+    contracts = args.contracts or default_contracts(None)
+    if contracts is None:
+        raise UsageError("no adapters file: pass --contracts FILE (the adapters' contracts)")
+    result = run_shadow_gate(ShadowGateOptions(
+        adapter=args.adapter, contracts=contracts, metrics_url=args.metrics_url, prometheus_url=args.prometheus,
+        live=args.live, report_dir=args.report_dir, promote=args.promote, promoted_dir=args.promoted_dir,
+        api_key=key_from_env(args.api_key, API_KEY_ENV)), quiet=args.quiet)
+    print(json.dumps(result.report, indent=2, default=str) if args.json else result.table())
+    sys.stdout.flush()
+    return result.exit_code
+
+
 def _gate(args: argparse.Namespace) -> int:
     from loragate.acceptance.gate import GateOptions, run_gate
     from loragate.cli.defaults import default_endpoint, gate_options
+
+    if args.shadow:
+        return _shadow_gate(args)
+    for flag, value in (("--prometheus", args.prometheus), ("--live", args.live)):
+        if value:
+            raise UsageError(f"{flag} is for --shadow, which was not given")
 
     options = GateOptions(
         endpoint=args.endpoint or default_endpoint(), adapter=args.adapter, contracts=args.contracts, prompts=args.prompts,

@@ -23,6 +23,15 @@ UNJUDGED_GENERATIONS = "loragate_unjudged_generations"
 REJECTED_REQUESTS = "loragate_rejected_requests"
 CONNECTIONS_EVICTED = "loragate_connections_evicted"
 REQUESTS_IN_FLIGHT = "loragate_requests_in_flight"
+# Shadows (loragate.server.shadow): a candidate adapter sent a sampled share of a live adapter's
+# requests, judged and counted apart; every series is labelled ``candidate`` and ``live``.
+SHADOW_REQUESTS = "loragate_shadow_requests"
+SHADOW_COMPLETIONS = "loragate_shadow_completions"
+SHADOW_LENGTH_CUTOFFS = "loragate_shadow_length_cutoffs"
+SHADOW_JSON_OUTPUTS = "loragate_shadow_json_outputs"
+SHADOW_PAIRED = "loragate_shadow_paired"
+SHADOW_OUTPUT_TOKENS = "loragate_shadow_output_tokens"
+SHADOWS_IN_FLIGHT = "loragate_shadows_in_flight"
 
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
@@ -32,6 +41,15 @@ ENDPOINTS = ("completions", "chat_completions", "responses", "messages", "models
 UNJUDGED_ENDPOINTS = ("responses", "messages")
 #: ``kind`` values of upstream errors.
 UPSTREAM_ERROR_KINDS = ("connect", "reset", "timeout", "status_5xx", "stream_broken", "invalid_response")
+#: ``outcome`` values of shadow requests: judged (the engine answered and the candidate's choices
+#: were counted), skipped (``max_in_flight`` shadows were running: never queued), upstream_error
+#: (no answer: connect, timeout, reset, broken), refused (the engine answered with a status other
+#: than 200), invalid_response (a 200 answer the proxy could not read).
+SHADOW_OUTCOMES = ("judged", "skipped", "upstream_error", "refused", "invalid_response")
+#: ``metric`` values of the paired outcomes: stop (``finish_reason`` stop) and json_valid (valid JSON).
+SHADOW_PAIRED_METRICS = ("stop", "json_valid")
+#: ``pair`` values: which of the live and the candidate answer met the metric on the same request.
+SHADOW_PAIRS = ("both", "live_only", "candidate_only", "neither")
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",

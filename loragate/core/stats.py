@@ -157,3 +157,68 @@ def mean_interval(values: Sequence[float]) -> MeanInterval:
     t = _T_95[n - 2] if n - 1 <= len(_T_95) else Z_95
     half = t * math.sqrt(var / n)
     return MeanInterval(mean, mean - half, mean + half, n)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The difference of two rates measured on the same requests, ``first - second``, with its 95%
+    interval by Newcombe's hybrid score method for paired proportions (Newcombe 1998, "Improved
+    confidence intervals for the difference between binomial proportions based on paired data",
+    method 10): each rate's Wilson interval, combined with the correlation of the pairs.
+
+    The four counts are the requests on which both met the metric, the first only, the second
+    only, and neither.
+    """
+
+    both: int
+    first_only: int
+    second_only: int
+    neither: int
+
+    @property
+    def n(self) -> int:
+        return self.both + self.first_only + self.second_only + self.neither
+
+    @property
+    def first(self) -> Rate:
+        return Rate(self.both + self.first_only, self.n)
+
+    @property
+    def second(self) -> Rate:
+        return Rate(self.both + self.second_only, self.n)
+
+    @property
+    def value(self) -> float:
+        return self.first.value - self.second.value
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """``(low, high)``; ``(-1, 1)`` when nothing was paired."""
+        n = self.n
+        if n == 0:
+            return -1.0, 1.0
+        a, b, c, d = self.both, self.first_only, self.second_only, self.neither
+        p1, p2 = (a + b) / n, (a + c) / n
+        l1, u1 = wilson_interval(a + b, n)
+        l2, u2 = wilson_interval(a + c, n)
+        # the pairs' correlation, its numerator corrected towards 0 by n/2 when positive (Newcombe's phi-hat)
+        denom = (a + b) * (c + d) * (a + c) * (b + d)
+        cross = a * d - b * c
+        numerator = max(cross - n / 2, 0.0) if cross > 0 else float(cross)
+        phi = numerator / math.sqrt(denom) if denom else 0.0
+        delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+        eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+        return max(-1.0, p1 - p2 - delta), min(1.0, p1 - p2 + eps)
+
+    def to_dict(self) -> dict:
+        low, high = self.interval
+        return {"both": self.both, "first_only": self.first_only, "second_only": self.second_only,
+                "neither": self.neither, "n": self.n, "difference": round(self.value, 4),
+                "ci95_low": round(low, 4), "ci95_high": round(high, 4)}
+
+
+def required_n_paired(max_drop: float) -> int:
+    """Smallest ``n`` of pairs, all of them both meeting the metric, whose difference has a 95%
+    lower bound at or above ``-max_drop`` (with no discordant pair the lower bound is the first
+    rate's Wilson lower bound minus 1, so this is :func:`required_n_floor` of ``1 - max_drop``)."""
+    return required_n_floor(1.0 - max_drop)

@@ -312,7 +312,7 @@ def _engine_answers(samples: Sequence[Any]) -> CheckResult:
 #: Causes, in the order reasons name them: the gate could not run, the static facts of the
 #: adapter, the engine's refusals, then (suite) empty output, the outputs run by run (stopping,
 #: then format, unless the format is the root cause), the regression against the baseline.
-_PHASE_RANK = {"gate": 0, "static": 1, "diagnosis": 2, "suite": 3, "load": 4}
+_PHASE_RANK = {"gate": 0, "static": 1, "diagnosis": 2, "suite": 3, "shadow": 3, "load": 4}
 
 
 def _cause_rank(run: str, metric: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-Phase = Literal["static", "diagnosis", "suite", "load", "gate"]
+Phase = Literal["static", "diagnosis", "suite", "load", "gate", "shadow"]
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,18 @@ failureThreshold: {{ .probe.failureThreshold }}
   value: {{ .Values.proxy.limits.maxHeaders | int64 | quote }}
 - name: LORAGATE_PROXY_MAX_CONNECTIONS
   value: {{ .Values.proxy.limits.maxConnections | int64 | quote }}
+{{- with .Values.proxy.shadows }}
+{{- $shadows := list }}
+{{- range . }}
+{{- $shadow := dict "live" .live "candidate" .candidate "share" .share }}
+{{- if hasKey . "maxInFlight" }}
+{{- $_ := set $shadow "max_in_flight" (int .maxInFlight) }}
+{{- end }}
+{{- $shadows = append $shadows $shadow }}
+{{- end }}
+- name: LORAGATE_PROXY_SHADOWS
+  value: {{ toJson $shadows | quote }}
+{{- end }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .Values.proxy.auth.existingSecret }}

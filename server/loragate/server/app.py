@@ -52,7 +52,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -63,20 +63,14 @@ from loragate.core.contracts import (
     load_contracts,
     resolve_under,
 )
-from loragate.core.judging import ConstraintResult, Judgement, judge_completion, judge_constrained
 from loragate.core.sse import StreamTally
 from loragate.server.adapters import AdapterNames
+from loragate.server.answers import Output, judge_outputs, whole_answer
 from loragate.server.config import ProxyConfig
-from loragate.server.fields import (
-    Asked,
-    FieldError,
-    echoed_prefix,
-    generated_part,
-    read_fields,
-    upstream_body,
-)
+from loragate.server.fields import Asked, FieldError, read_fields, upstream_body
 from loragate.server.metrics import ProxyMetrics
 from loragate.server.routes import Kind, classify, unclassified
+from loragate.server.shadow import LiveOutcome, Shadows, live_outcome_of
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.target import RequestTarget, TargetError, parse_target
 from loragate.server.turns import EngineTurns, needs_turn_alone, refusal
@@ -201,17 +195,6 @@ class _ClientLink:
             self._watcher.cancel()
 
 
-class Output(NamedTuple):
-    """One choice of an answer as the engine sent it, for judging."""
-
-    text: str
-    finish_reason: str | None
-    #: vLLM's stop_reason: the stop string or token id that ended it (None: the end-of-sequence token)
-    stop_reason: object
-    #: a chat answer's role (None for a completion)
-    role: str | None
-
-
 @dataclass
 class _Exchange:
     """What one judged request has shown so far."""
@@ -230,6 +213,8 @@ class _Exchange:
     counted: bool = False
     #: what the request asked for (the fields the proxy reads)
     asked: Asked = field(default_factory=Asked)
+    #: the live answer's judged outcome, for the request's shadows (None: no shadow)
+    live_outcome: "asyncio.Future[LiveOutcome] | None" = None
 
 
 class ProxyApp:
@@ -253,6 +238,8 @@ class ProxyApp:
         self.unclassified_routes: list[str] | None = None
         #: Requests for prompt log-probabilities run alone in the engine (:mod:`loragate.server.turns`).
         self.turns = EngineTurns()
+        #: Candidate adapters shadowing live ones (:mod:`loragate.server.shadow`).
+        self.shadows = Shadows(config.shadows, contracts, self.metrics, log_requests=config.log_requests)
 
     def _upstream_client(self) -> Upstream:
         """The engine client, which :meth:`startup` makes before the app serves anything."""
@@ -313,6 +300,7 @@ class ProxyApp:
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
+        await self.shadows.close()
         if self.upstream is not None:
             await self.upstream.close()
 
@@ -626,6 +614,7 @@ class ProxyApp:
         ex.adapter = self._adapter_names().label(request.get("model"))
         ex.stream = ex.asked.stream
         ex.json_constrained = ex.asked.json_constrained
+        shadows = self.shadows.sample(ex.adapter, request, ex.asked) if self.shadows else None
         body = upstream_body(request, ex.asked) or body
         link = _ClientLink(scope, receive)
         turn: bool | None = None
@@ -638,6 +627,11 @@ class ProxyApp:
                 self._log(ex)
                 return
             ex.status = resp.status
+            if shadows and resp.status == 200:  # the live request is in the engine: its shadows join it
+                ex.live_outcome = asyncio.get_running_loop().create_future()
+                self.shadows.start(shadows, upstream=self._upstream_client(), turns=self.turns,
+                                   names=self._adapter_names(), target=target.raw, headers=scope["headers"],
+                                   request=request, asked=ex.asked, live=ex.live_outcome)
             try:
                 if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
                     await self._relay_stream(send, resp, ex, link)
@@ -654,6 +648,8 @@ class ProxyApp:
             if turn is not None:
                 self.turns.leave(turn)
             link.close()
+            if ex.live_outcome is not None and not ex.live_outcome.done():
+                ex.live_outcome.set_result(None)  # no judged live answer: its shadows count unpaired
         self._log(ex)
 
     def _count_disconnect(self, adapter: str, endpoint: str) -> None:
@@ -690,27 +686,16 @@ class ProxyApp:
         if resp.status != 200:
             return  # the engine refused the request (400 bad params, 404 unknown model): nothing generated
         try:
-            answer = fastjson.loads(content)
-            if ex.endpoint == "other" and isinstance(answer, dict) and "choices" not in answer:
+            parsed = fastjson.loads(content)
+            if ex.endpoint == "other" and isinstance(parsed, dict) and "choices" not in parsed:
                 return  # an /invocations request the engine served as pooling: nothing generated
-            choices = answer["choices"]
-            ex.adapter = self._adapter_names().label(answer.get("model"))
-            usage = answer.get("usage") or {}
             # judged by what the engine answered: a completion's choice has text, a chat one a message
-            outputs: list[Output] = []
-            chat = False
-            for c in choices:
-                if "text" in c:
-                    outputs.append(Output(c["text"] or "", c.get("finish_reason"), c.get("stop_reason"), None))
-                else:
-                    message = c.get("message") or {}
-                    chat = True
-                    outputs.append(Output(message.get("content") or "", c.get("finish_reason"),
-                                          c.get("stop_reason"), message.get("role")))
+            answer = whole_answer(parsed)
+            ex.adapter = self._adapter_names().label(answer.model)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self.metrics.upstream_errors.labels(ex.adapter, "invalid_response").inc()
             return
-        self._count(ex, outputs, usage, chat)
+        self._count(ex, answer.outputs, answer.usage, answer.chat)
         self.metrics.duration.labels(ex.adapter).observe(time.perf_counter() - ex.started)
 
     async def _relay_stream(self, send: Send, resp: UpstreamResponse, ex: _Exchange, link: "_ClientLink") -> None:
@@ -806,9 +791,8 @@ class ProxyApp:
         """
         contract = self._adapter_names().contract(ex.adapter)
         json_contract = bool(contract and contract.expects_json)
-        schema = contract.json_schema if contract else None
-        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        completion_tokens = usage.get("completion_tokens")
         m = self.metrics
         m.init_adapter(ex.adapter, json_contract)
         if ex.asked.scoring and not chat:
@@ -818,19 +802,8 @@ class ProxyApp:
                 ex.completion_tokens = completion_tokens
             ex.finish = "scoring"
             return
-        per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens
-        context_limit = self._adapter_names().context_limit(ex.adapter)
-        judged: list[tuple[Judgement, ConstraintResult | None]] = []
-        for i, out in enumerate(outputs):
-            generated = generated_part(out.text, echoed_prefix(ex.asked, i, len(outputs), chat, out.role))
-            judgement = judge_completion(generated or "", out.finish_reason,
-                                         expects_json=json_contract and generated is not None,
-                                         json_schema=schema, prompt_tokens=prompt_tokens,
-                                         completion_tokens=per_choice, max_model_len=context_limit)
-            constrained = None
-            if ex.json_constrained and generated is not None:
-                constrained = judge_constrained(generated, out.finish_reason, out.stop_reason, schema)
-            judged.append((judgement, constrained))
+        judged = judge_outputs(outputs, usage, chat, ex.asked, contract,
+                               self._adapter_names().context_limit(ex.adapter), ex.json_constrained)
         for j, constrained in judged:
             m.completions.labels(ex.adapter, j.finish.value).inc()
             if j.length_cause is not None:
@@ -842,6 +815,8 @@ class ProxyApp:
         if isinstance(completion_tokens, int):
             m.output_tokens.labels(ex.adapter).inc(completion_tokens)
             ex.completion_tokens = completion_tokens
+        if ex.live_outcome is not None and not ex.live_outcome.done():
+            ex.live_outcome.set_result(live_outcome_of(judged))
         if judged:
             ex.finish = ",".join(j.finish.value for j, _ in judged)
             results = [j.json_result.value for j, _ in judged if j.json_result is not None]

@@ -9,6 +9,7 @@ judged request (``"event": "request"``) and the proxy's own events.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "event": "start", "upstream": config.upstream, "listen": f"{config.host}:{config.port}",
         "contracts": str(config.contracts) if config.contracts else None,
         "auth": bool(config.api_keys), "admin_endpoints": bool(config.admin_key),
+        "shadows": [dataclasses.asdict(s) for s in config.shadows],
     }))
     _raise_open_files_limit(config.max_connections)
     settings = {**UVICORN_SETTINGS, "http": protocol_class(config.server_limits(), app.server_events())}

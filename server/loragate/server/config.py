@@ -25,7 +25,16 @@ field                         environment variable            meaning (default)
                                                               those endpoints are refused
 ``public_metrics``            ``LORAGATE_PROXY_PUBLIC_METRICS`` /metrics without a key (true)
 ``log_requests``              ``LORAGATE_PROXY_LOG_REQUESTS`` one JSON log line per request (true)
+``shadows``                   ``LORAGATE_PROXY_SHADOWS``      candidate adapters shadowing live ones: a list of
+                                                              ``{live, candidate, share, max_in_flight}``
+                                                              (the variable: that list as JSON); none by default
 ============================  ==============================  ===============================================
+
+Shadows (:mod:`loragate.server.shadow`): for a ``share`` (0 < share <= 1) of the judged requests
+to ``live``, the proxy also sends the request to the engine with ``model: candidate``, judges the
+answer and counts it apart; at most ``max_in_flight`` (>= 1, default 4) shadows of one pair run at
+once, a shadow beyond them is skipped (and counted), never queued. ``live`` and ``candidate``
+must be adapters of the contracts, and differ; a (live, candidate) pair is named once.
 
 ``/health`` (liveness) and ``/ready`` (readiness: the upstream answers) never need a key. Keys
 are compared in constant time and never logged.
@@ -34,6 +43,7 @@ are compared in constant time and never logged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +65,60 @@ class ConfigError(LoragateError):
     """The proxy's configuration is invalid."""
 
 
+#: ``max_in_flight`` of a shadow that does not name one.
+DEFAULT_SHADOW_MAX_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """One candidate adapter shadowing a live one (see the module docstring)."""
+
+    live: str
+    candidate: str
+    share: float
+    max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
+
+
+def _shadows(value: Any) -> tuple[ShadowConfig, ...]:
+    """The ``shadows`` setting read from YAML (a list of mappings) or its variable (JSON)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ConfigError("proxy config shadows: the variable must hold a JSON list of "
+                              "{live, candidate, share, max_in_flight}") from None
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("proxy config shadows: expected a list of {live, candidate, share, max_in_flight}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, ShadowConfig):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"proxy config shadows[{i}]: expected a mapping")
+        unknown = sorted(set(item) - {"live", "candidate", "share", "max_in_flight"})
+        if unknown:
+            raise ConfigError(f"proxy config shadows[{i}]: unknown key(s) {', '.join(map(str, unknown))}")
+        live, candidate = item.get("live"), item.get("candidate")
+        if not isinstance(live, str) or not live or not isinstance(candidate, str) or not candidate:
+            raise ConfigError(f"proxy config shadows[{i}]: live and candidate must be adapter names")
+        share, limit = item.get("share"), item.get("max_in_flight", DEFAULT_SHADOW_MAX_IN_FLIGHT)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"proxy config shadows[{i}]: share must be a number in (0, 1], got {share!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"proxy config shadows[{i}]: max_in_flight must be an integer >= 1, got {limit!r}")
+        out.append(ShadowConfig(live, candidate, float(share), limit))
+    pairs = [(s.live, s.candidate) for s in out]
+    for s in out:
+        if s.live == s.candidate:
+            raise ConfigError(f"proxy config shadows: {s.live} cannot shadow itself")
+        if pairs.count((s.live, s.candidate)) > 1:
+            raise ConfigError(f"proxy config shadows: {s.candidate} shadows {s.live} twice")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     upstream: str = ""
@@ -72,6 +136,7 @@ class ProxyConfig:
     admin_key: str = field(default="", repr=False)
     public_metrics: bool = True
     log_requests: bool = True
+    shadows: tuple[ShadowConfig, ...] = ()
 
     def server_limits(self) -> "ServerLimits":
         """The serving layer's limits (:class:`loragate.server.serving.ServerLimits`) from these settings."""
@@ -101,6 +166,8 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
             return tuple(k.strip() for k in items if str(k).strip())
         if name == "contracts":
             return Path(value) if value else None
+        if name == "shadows":
+            return _shadows(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"proxy config {name}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
@@ -109,7 +176,7 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
 _TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
           "body_timeout_s": float, "upstream_timeout_s": float,
           "head_timeout_s": float, "max_head_bytes": int, "max_headers": int, "max_connections": int, "api_keys": tuple, "admin_key": str,
-          "public_metrics": bool, "log_requests": bool}
+          "public_metrics": bool, "log_requests": bool, "shadows": tuple}
 
 
 def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -144,4 +211,6 @@ def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, st
         raise ConfigError("max_head_bytes must be at least 1024, max_headers at least 8, max_connections at least 1")
     if config.head_timeout_s <= 0 or config.body_timeout_s <= 0 or config.upstream_timeout_s <= 0:
         raise ConfigError("timeouts must be positive")
+    if config.shadows and config.contracts is None:
+        raise ConfigError("shadows need the contracts (--contracts): live and candidate must be contract adapters")
     return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))

@@ -11,6 +11,9 @@ Label values are bounded by construction:
   ``ignored`` | ``cut`` | ``schema_mismatch`` (:class:`~loragate.core.judging.ConstraintResult`).
 - ``endpoint``: :data:`ENDPOINTS`; ``code``: the HTTP status class (``2xx`` ... ``5xx``).
 - ``kind`` and ``reason``: the fixed tuples below.
+- ``candidate`` and ``live`` (the ``loragate_shadow_*`` series): only the pairs of the proxy's
+  configured shadows, whose names are contract adapters (:meth:`ProxyMetrics.init_shadow`);
+  ``outcome``, ``metric`` and ``pair``: the fixed tuples of :mod:`loragate.core.metric_names`.
 
 Rates an operator alerts on (the chart's recording rules compute them):
 
@@ -35,6 +38,9 @@ from loragate.core.metric_names import (  # noqa: F401  (re-exported: the proxy'
     BAD_REQUEST_REASONS,
     ENDPOINTS,
     OTHER_ADAPTER,
+    SHADOW_OUTCOMES,
+    SHADOW_PAIRED_METRICS,
+    SHADOW_PAIRS,
     UNJUDGED_ENDPOINTS,
     UPSTREAM_ERROR_KINDS,
 )
@@ -155,6 +161,41 @@ class ProxyMetrics:
         self.in_flight = _Gauge(
             names.REQUESTS_IN_FLIGHT, "Requests being handled by the proxy now, by endpoint.",
             ["endpoint"], registry=r)
+        self.shadow_requests = _Counter(
+            names.SHADOW_REQUESTS,
+            "Shadow requests: a sampled live request also sent to the engine for the candidate adapter, its "
+            "answer judged and never returned. By outcome: judged, skipped (max_in_flight shadows of the pair "
+            "were running; never queued), upstream_error (no answer), refused (the engine answered with a "
+            "status other than 200), invalid_response.",
+            ["candidate", "live", "outcome"], registry=r)
+        self.shadow_completions = _Counter(
+            names.SHADOW_COMPLETIONS,
+            "The candidate's completion choices on shadowed requests, by finish_reason (stop|length|other), "
+            "judged as loragate_completions_total judges the live adapter's. Stop rate = stop / all.",
+            ["candidate", "live", "finish_reason"], registry=r)
+        self.shadow_length_cutoffs = _Counter(
+            names.SHADOW_LENGTH_CUTOFFS,
+            "The candidate's choices on shadowed requests cut with finish_reason=length, by cause "
+            "(max_tokens: a runaway; context).", ["candidate", "live", "cause"], registry=r)
+        self.shadow_json_outputs = _Counter(
+            names.SHADOW_JSON_OUTPUTS,
+            "The candidate's choices on shadowed requests, judged by the candidate's contract (when it expects "
+            "JSON), by result: valid, invalid, schema_mismatch. JSON validity = valid / all.",
+            ["candidate", "live", "result"], registry=r)
+        self.shadow_paired = _Counter(
+            names.SHADOW_PAIRED,
+            "Choices of the same request answered by the live adapter and its shadow, by metric (stop: "
+            "finish_reason stop; json_valid: valid by each adapter's own contract, counted when both expect JSON) "
+            "and pair: both met it, live_only, candidate_only, neither. Counted only when the live answer was "
+            "judged (a client gone, or a live error, leaves no pair).",
+            ["candidate", "live", "metric", "pair"], registry=r)
+        self.shadow_output_tokens = _Counter(
+            names.SHADOW_OUTPUT_TOKENS,
+            "Completion tokens the engine generated for shadows (from its usage report): the engine cost of "
+            "shadowing.", ["candidate", "live"], registry=r)
+        self.shadows_in_flight = _Gauge(
+            names.SHADOWS_IN_FLIGHT, "Shadow requests running now (waiting for an engine turn included).",
+            ["candidate", "live"], registry=r)
         for endpoint in ENDPOINTS:
             self.in_flight.labels(endpoint)
         for reason in BAD_REQUEST_REASONS:
@@ -190,3 +231,22 @@ class ProxyMetrics:
         if json_contract:
             for result in JsonResult:
                 self.json_outputs.labels(adapter, result.value)
+
+    def init_shadow(self, candidate: str, live: str, json_contract: bool) -> None:
+        """Create every series of the shadow pair ``(candidate, live)`` at 0 (the proxy calls it for
+        each configured shadow at start): a rule comparing the candidate with the live adapter sees
+        the pair before its first shadow. JSON series exist when the candidate's contract expects JSON."""
+        for outcome in SHADOW_OUTCOMES:
+            self.shadow_requests.labels(candidate, live, outcome)
+        for finish in FinishClass:
+            self.shadow_completions.labels(candidate, live, finish.value)
+        for cause in LengthCause:
+            self.shadow_length_cutoffs.labels(candidate, live, cause.value)
+        if json_contract:
+            for result in JsonResult:
+                self.shadow_json_outputs.labels(candidate, live, result.value)
+        for metric in SHADOW_PAIRED_METRICS:
+            for pair in SHADOW_PAIRS:
+                self.shadow_paired.labels(candidate, live, metric, pair)
+        self.shadow_output_tokens.labels(candidate, live)
+        self.shadows_in_flight.labels(candidate, live)
