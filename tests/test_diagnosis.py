@@ -144,12 +144,15 @@ def test_a_scoring_request_runs_alone_in_the_engine(stack, build) -> None:
     assert httpx.get(f"{stack.vllm_url}/health", timeout=10).status_code == 200
 
 
-def test_prompt_logprobs_for_several_sequences_are_refused_before_the_engine(stack) -> None:
-    """n > 1 puts one scoring request's sequences in one batch: vLLM 0.32 fails its engine on it for
-    a LoRA adapter, so the proxy answers 400 and the engine never sees it."""
-    r = httpx.post(f"{stack.proxy_url}/v1/completions", json={
-        "model": "poster-good", "prompt": "### Paper:\n", "echo": True, "logprobs": 1, "max_tokens": 1, "n": 2},
-        timeout=60)
-    assert r.status_code == 400, r.text
-    assert "n > 1" in r.json()["error"]["message"]
-    assert httpx.get(f"{stack.vllm_url}/health", timeout=10).status_code == 200
+def test_prompt_logprobs_for_several_sequences_are_refused_before_the_engine(stack, build) -> None:
+    """n > 1, or several prompts in one request (lm-eval's batched scoring), put one scoring
+    request's sequences in one batch: vLLM 0.32 fails its engine on it for a LoRA adapter, so the
+    proxy answers 400 and the engine never sees it."""
+    prompts = [json.loads(line)["prompt"] for line in Path(build.heldout_prompts).read_text().splitlines()[:2]]
+    for body, why in (({"prompt": prompts[0], "n": 2, "max_tokens": 1}, "n > 1"),
+                      ({"prompt": prompts, "max_tokens": 0}, "several prompts")):
+        r = httpx.post(f"{stack.proxy_url}/v1/completions", json={
+            "model": "poster-good", "echo": True, "logprobs": 1, **body}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert why in r.json()["error"]["message"]
+        assert httpx.get(f"{stack.vllm_url}/health", timeout=10).status_code == 200

@@ -57,7 +57,7 @@ class Case:
 
 
 def cases(stack) -> list[Case]:
-    p0, p1 = heldout(stack, 2, offset=11)
+    p0 = heldout(stack, 1, offset=11)[0]
     paper = heldout_inputs(stack, 1, offset=13)[0]
     good = {"model": "poster-good", "prompt": p0, "max_tokens": 160, "temperature": 0}
     short = {**good, "max_tokens": 24}
@@ -90,8 +90,6 @@ def cases(stack) -> list[Case]:
         Case("completion streamed, stop string", "completions", {**good, "stop": ['", "'], "stream": True}),
         Case("scoring: echo, max_tokens 0, logprobs", "completions",
              {**good, "max_tokens": 0, "echo": True, "logprobs": 1}, echoed=[p0]),
-        Case("scoring of two prompts", "completions",
-             {**good, "prompt": [p0, p1], "max_tokens": 0, "echo": True, "logprobs": 1}, echoed=[p0, p1]),
         Case("scoring streamed", "completions", {**good, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True},
              echoed=[p0]),
         Case("completion, response_format json_object", "completions",
@@ -339,4 +337,3 @@ def test_counters_tell_a_cut_or_another_schema_from_an_ignored_constraint_and_ju
     assert moved("chat, echo of an assistant prefill") in (
         {"json:invalid": 1, "finish:stop": 1}, {"json:invalid": 1, "finish:length": 1})
     assert moved("scoring: echo, max_tokens 0, logprobs") == {"scoring:": 1}
-    assert moved("scoring of two prompts") == {"scoring:": 1}

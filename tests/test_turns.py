@@ -78,6 +78,10 @@ def test_a_cancelled_scoring_wait_releases_the_requests_behind_it() -> None:
     ({"prompt": "x", "prompt_logprobs": 0, "best_of": 3}, True),
     ({"prompt": "x", "prompt_logprobs": 0, "n": 1}, False),
     ({"prompt": "x", "logprobs": 1, "n": 4}, False),  # no prompt log-probabilities: batching is safe
+    ({"prompt": ["a", "b"], "echo": True, "logprobs": 1, "max_tokens": 0}, True),  # lm-eval's batched scoring
+    ({"prompt": [[1, 2], [3]], "prompt_logprobs": 0}, True),
+    ({"prompt": [1, 2, 3], "prompt_logprobs": 0}, False),  # one prompt of token ids
+    ({"prompt": ["a", "b"], "logprobs": 1}, False),
 ])
 def test_prompt_logprobs_with_several_sequences_are_refused(body, refused) -> None:
     from loragate.server.turns import refusal

@@ -33,10 +33,16 @@ def needs_turn_alone(request: Mapping[str, Any]) -> bool:
 
 def refusal(request: Mapping[str, Any]) -> str | None:
     """Why the proxy refuses ``request`` (400) rather than let it kill the engine, else ``None``:
-    prompt log-probabilities with ``n`` (or ``best_of``) above 1 put several sequences of one
-    LoRA request in one batch, which a turn alone cannot prevent."""
+    prompt log-probabilities for several prompts (a list of text or token-id prompts) or with
+    ``n`` (or ``best_of``) above 1 put several sequences of one LoRA request in one batch, which
+    a turn alone cannot prevent."""
     if not needs_turn_alone(request):
         return None
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        return ("prompt log-probabilities (prompt_logprobs, or echo with logprobs) for several prompts in one "
+                "request are refused: vLLM 0.32 fails its engine on them for LoRA adapters; send one request "
+                "per prompt")
     for field in ("n", "best_of"):
         value = request.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
