@@ -768,7 +768,7 @@ class ProxyApp:
         per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens
         judgements: list[Judgement] = [
             judge_completion(text, reason, expects_json=expects_json,
-                             json_schema=contract.json_schema if contract else None,
+                             json_schema=self._adapter_names().schema(ex.adapter),
                              prompt_tokens=prompt_tokens, completion_tokens=per_choice,
                              max_model_len=self._adapter_names().context_limit(ex.adapter))
             for text, reason in outputs
