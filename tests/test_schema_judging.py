@@ -53,6 +53,10 @@ RICH_2020 = {
         "contact": {"type": "string", "format": "email"},
         "count": {"type": "integer", "multipleOf": 3, "minimum": -(2 ** 53) + 1, "maximum": 2 ** 53 - 1},
         "big": {"type": "number", "maximum": 2 ** 52, "exclusiveMinimum": -(2 ** 52) + 0.5},
+        "upper": {"maximum": 3},
+        "multiple": {"type": "number", "multipleOf": 3},
+        "ids": {"type": "array", "uniqueItems": True},
+        "not_number": {"not": {"type": "number"}},
         "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "items": False},
         "tags": {"type": "array", "contains": {"const": "x"}, "minContains": 1, "maxContains": 2},
         "size": {"oneOf": [{"type": "integer", "maximum": 10}, {"type": "integer", "minimum": 5}]},
@@ -125,11 +129,13 @@ EDGE_VALUES: list[Any] = [
 ]
 EXTRA_KEYS = ["extra", "a", "b", "c", "d", "a\n", "Z", "kind", "title"]
 #: Completion texts as a model may write them, numbers past a double's range included.
-TEXTS = ['{"title": "T", "panels": [{"heading": "H", "column": 1}], "big": 1e999}',
-         '{"title": "T", "panels": [{"heading": "H", "column": 1}], "big": -1e999}',
-         '{"title": "T", "panels": [{"heading": "H", "column": 1, "width": NaN}]}',
+_POSTER = '{"title": "T", "panels": [{"heading": "H", "column": 1}], '
+TEXTS = [_POSTER + '"upper": 1e999}', _POSTER + '"not_number": NaN}', _POSTER + '"not_number": -Infinity}',
+         _POSTER + '"multiple": 1.1805916207174113e21}', _POSTER + '"multiple": 9.3e18}',
+         _POSTER + '"ids": [9223372036854775808, 9.223372036854776e18]}', _POSTER + '"ids": [1, 1.0]}',
+         _POSTER + '"big": 1e999}', _POSTER + '"big": -1e999}', '{"title": "T", "panels": [{"heading": "H", "column": 1, "width": NaN}]}',
          '{"name": "Ada", "point": [1, Infinity]}', '{"n": 1E+400}', '1e999', '-Infinity', 'NaN',
-         '{"title": "T", "panels": [{"heading": "H", "column": 1}], "big": 1' + "0" * 320 + '.5}',
+         _POSTER + '"big": 1' + "0" * 320 + '.5}',
          '{"n": 3}', '{"n": 2}', '{"a\\n": "x"}', '{"a": 1, "b": "x"}', '{"c": 1, "a": 2}', '0.3', '"[1, 2]"']
 
 
@@ -183,6 +189,8 @@ def near(schema: Any, root: dict, rng: random.Random, depth: int = 0) -> Any:
         strings = PATTERN_STRINGS[schema["not"]["pattern"]]
         unmatched = [s for s in strings if not re.search(schema["not"]["pattern"], s)]
         return rng.choice(unmatched if rng.random() < 0.7 else strings)
+    if "not" in schema and "type" in schema["not"] and rng.random() < 0.9:
+        return rng.choice(["s", None, True, [1], {}])
     if "not" in schema and "$ref" in schema["not"] and rng.random() < 0.3:
         return near(_resolve(schema["not"]["$ref"], root), root, rng, depth + 1)
     kind = schema.get("type")
