@@ -394,13 +394,13 @@ def test_the_bench_proxy_runs_the_demo_contract_and_the_upstream_answers_what_it
 
 
 def test_peers_are_measured_in_the_same_rounds_and_the_proxy_set_against_each(tmp_path):
-    """nginx (Debian's) and vllm-router (PyPI's), set up by the bench where missing, relay the same
-    requests in the same rounds as the proxy, each on the proxy's CPU; each row carries their
-    numbers and the proxy's ratios to them."""
+    """nginx (Debian's) and vllm-router (PyPI's), set up by the bench where missing, and a proxy
+    whose contract has no schema relay the same requests in the same rounds as the proxy, each on
+    the proxy's CPU; each row carries their numbers and the proxy's ratios to them."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "4", "--requests", "16",
-         "--rounds", "2", "--chunks", "4", "--long-chunks", "4", "--out", str(out)],
+         "--rounds", "2", "--chunks", "4", "--long-chunks", "4", "--also-without-schema", "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -409,7 +409,7 @@ def test_peers_are_measured_in_the_same_rounds_and_the_proxy_set_against_each(tm
     rows = result["proxy"]
     assert [(r["stream"], r.get("chunks_per_request")) for r in rows] == [(False, None), (True, 4.0)]
     for r in rows:
-        assert sorted(r["peers"]) == sorted(r["vs"]) == ["nginx", "vllm-router"]
+        assert sorted(r["peers"]) == sorted(r["vs"]) == ["loragate, no schema", "nginx", "vllm-router"]
         for name, peer in r["peers"].items():
             assert peer["errors_direct"] == 0 and peer["errors_proxy"] == 0, name
             assert peer["requests_each"] == r["requests_each"] == 32

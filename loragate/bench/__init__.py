@@ -505,18 +505,26 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
-def bench_contracts(path: Path) -> None:
+#: The side ``--also-without-schema`` adds: a second proxy whose contract has no JSON Schema.
+NO_SCHEMA_SIDE = "loragate, no schema"
+
+
+def bench_contracts(path: Path, schema: bool = True) -> None:
     """Write the contracts the bench's proxy runs: the bench adapter with the demo adapters'
-    contract (JSON output, the poster layout's JSON Schema), as a user's JSON adapter runs."""
+    contract (JSON output, the poster layout's JSON Schema), as a user's JSON adapter runs;
+    without ``schema``, JSON output alone."""
     from loragate.bench.upstream import MODEL
     from loragate.demo.data import LAYOUT_SCHEMA
 
-    contract = {"output": "json", "json_schema": LAYOUT_SCHEMA, "max_tokens": 256}
+    contract: dict = {"output": "json", "max_tokens": 256}
+    if schema:
+        contract["json_schema"] = LAYOUT_SCHEMA
     path.write_text(json.dumps({"base_model": "bench-base", "adapters": {MODEL: contract}}, indent=2) + "\n")
 
 
 def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int,
-                itl_ms: float = 0.0, placement: Placement | None = None, peers: list[Any] | None = None) -> list[dict]:
+                itl_ms: float = 0.0, placement: Placement | None = None, peers: list[Any] | None = None,
+                without_schema: bool = False) -> list[dict]:
     """Benchmark 1: proxy overhead against the instant upstream.
 
     Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
@@ -527,7 +535,8 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     crosses the proxy in a read and a write of its own (see :mod:`loragate.bench.upstream`).
     With a ``placement`` the proxy (and each peer) runs on its CPUs and the client and upstream
     on theirs (else all share every CPU). Each of ``peers`` (:class:`loragate.bench.peers.Peer`)
-    relays the same requests in the same rounds (:func:`_compare_with_peers`).
+    relays the same requests in the same rounds (:func:`_compare_with_peers`), and with
+    ``without_schema`` a second proxy whose contract has no schema (:data:`NO_SCHEMA_SIDE`).
     """
     from loragate.bench.upstream import MODEL
 
@@ -536,6 +545,9 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
     bench_contracts(contracts)
     up_port, proxy_port = free_port(), free_port()
     peer_ports = {peer.name: free_port() for peer in peers or []}
+    if without_schema:
+        bench_contracts(workdir / "adapters-no-schema.yaml", schema=False)
+        peer_ports[NO_SCHEMA_SIDE] = free_port()
     procs: list[subprocess.Popen] = []
     peer_procs: dict[str, subprocess.Popen] = {}
     keep = False
@@ -548,11 +560,12 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             _wait_http(f"http://127.0.0.1:{up_port}/health")
             with contextlib.ExitStack() as logs, on_cpus(placement.measured if placement else None):
                 proxy_log = logs.enter_context((workdir / "proxy.log").open("w"))
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-                     "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
-                    stdout=proxy_log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
+                procs.append(_start_proxy(up_port, proxy_port, contracts, proxy_log))
+                if without_schema:
+                    peer_procs[NO_SCHEMA_SIDE] = _start_proxy(
+                        up_port, peer_ports[NO_SCHEMA_SIDE], workdir / "adapters-no-schema.yaml",
+                        logs.enter_context((workdir / "proxy-no-schema.log").open("w")))
+                    procs.append(peer_procs[NO_SCHEMA_SIDE])
                 for peer in peers or []:
                     log = logs.enter_context((workdir / f"{peer.name}.log").open("w"))
                     peer_procs[peer.name] = peer.start(peer_ports[peer.name], up_port, workdir / peer.name, log)
@@ -595,6 +608,13 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
                 p.wait(timeout=10)
         if not keep:  # finished: nothing in it worth keeping
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_proxy(upstream_port: int, port: int, contracts: Path, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
+         "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"})
 
 
 def bench_stack(info: Any, adapter: str, requests: int, concurrency: int, rounds: int,
@@ -790,19 +810,19 @@ def print_peers(result: dict) -> None:
     versions = {p["name"]: p["version"] for p in result.get("proxy_peers") or []}
     print("\nSide by side, same rounds (direct = the bench upstream without anything in front; added p50 over "
           "direct; CPU of each process per request)")
-    print(f"{'conc':>5} {'chunks':>6} {'side':<20} {'added p50 ms':>12} {'req/s / direct':>14} {'CPU us/req':>10}")
+    print(f"{'conc':>5} {'chunks':>6} {'side':<22} {'added p50 ms':>12} {'req/s / direct':>14} {'CPU us/req':>10}")
     for r in rows:
         chunks = f"{r['chunks_per_request']:.0f}" if r["stream"] else "-"
         for name, side in [("loragate (schema)", r), *((f"{n} {versions.get(n, '')}".strip(), r["peers"][n])
                                                       for n in names)]:
-            print(f"{r['concurrency']:>5} {chunks:>6} {name:<20} {_fmt(side['added_p50_ms']):>12} "
+            print(f"{r['concurrency']:>5} {chunks:>6} {name:<22} {_fmt(side['added_p50_ms']):>12} "
                   f"{_fmt(side['requests_per_s_ratio']):>14} {_fmt(side['proxy_cpu_us_per_request'], '.0f'):>10}")
     print("\nloragate against each peer (pooled; per-round median in brackets): CPU per request as a multiple, "
           "added p50 minus the peer's, req/s as a share")
     for r in rows:
         chunks = f"{r['chunks_per_request']:.0f} chunks" if r["stream"] else "not streamed"
         for name, vs in r["vs"].items():
-            print(f"  c={r['concurrency']:<3} {chunks:<13} vs {name:<12} CPU x{_fmt(vs['cpu_ratio'])} "
+            print(f"  c={r['concurrency']:<3} {chunks:<13} vs {name:<20} CPU x{_fmt(vs['cpu_ratio'])} "
                   f"[{_fmt(vs['cpu_ratio_rounds']['median'])}], added p50 {vs['added_p50_diff_ms']:+.2f} ms "
                   f"[{_fmt(vs['added_p50_diff_ms_rounds']['median'], '+.2f')}], req/s x{_fmt(vs['requests_per_s_ratio'])} "
                   f"[{_fmt(vs['requests_per_s_ratio_rounds']['median'])}]")

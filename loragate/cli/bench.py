@@ -49,6 +49,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-peer-setup", action="store_true",
                         help="proxy: use only peers already installed (default: fetch Debian's nginx and "
                              "vllm-router from PyPI into the loragate home when missing)")
+    parser.add_argument("--also-without-schema", action="store_true",
+                        help="proxy: also measure, in the same rounds, a second proxy whose contract has no JSON "
+                             "Schema (what judging against the schema costs)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result["proxy_peers"] = [{"name": p.name, "version": p.version, "source": p.source} for p in peers]
         result["proxy_peers_left_out"] = notes
         result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
-                                      args.itl_ms, placement, peers)
+                                      args.itl_ms, placement, peers, without_schema=args.also_without_schema)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which or "verdict" in which:
         from loragate.stack import running_stack
