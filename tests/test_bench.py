@@ -383,7 +383,7 @@ def test_the_bench_proxy_runs_the_demo_contract_and_the_upstream_answers_what_it
     from loragate.core.judging import JsonResult, compile_schema, judge_json
     from loragate.demo.data import LAYOUT_SCHEMA
 
-    bench.bench_contracts(tmp_path / "adapters.yaml")
+    bench.bench_contracts(tmp_path / "adapters.yaml", LAYOUT_SCHEMA)
     contract = load_contracts(tmp_path / "adapters.yaml")[MODEL]
     assert contract.expects_json and contract.json_schema == LAYOUT_SCHEMA
     compiled = compile_schema(contract.json_schema)

@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 from loragate.bench.placement import Placement, cpu_list, on_cpus, split_cpus  # noqa: F401  (split_cpus: the benchmarks' API)
@@ -509,28 +509,28 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
 NO_SCHEMA_SIDE = "loragate, no schema"
 
 
-def bench_contracts(path: Path, schema: bool = True) -> None:
-    """Write the contracts the bench's proxy runs: the bench adapter with the demo adapters'
-    contract (JSON output, the poster layout's JSON Schema), as a user's JSON adapter runs;
-    without ``schema``, JSON output alone."""
+def bench_contracts(path: Path, json_schema: Mapping[str, Any] | None) -> None:
+    """Write the contracts the bench's proxy runs: the bench adapter expecting JSON, judged
+    against ``json_schema`` when one is given (``loragate bench proxy`` gives the demo adapters'
+    poster layout schema, as a user's JSON adapter runs)."""
     from loragate.bench.upstream import MODEL
-    from loragate.demo.data import LAYOUT_SCHEMA
 
     contract: dict = {"output": "json", "max_tokens": 256}
-    if schema:
-        contract["json_schema"] = LAYOUT_SCHEMA
+    if json_schema is not None:
+        contract["json_schema"] = json_schema
     path.write_text(json.dumps({"base_model": "bench-base", "adapters": {MODEL: contract}}, indent=2) + "\n")
 
 
 def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int,
                 itl_ms: float = 0.0, placement: Placement | None = None, peers: list[Any] | None = None,
-                without_schema: bool = False) -> list[dict]:
+                json_schema: Mapping[str, Any] | None = None, without_schema: bool = False) -> list[dict]:
     """Benchmark 1: proxy overhead against the instant upstream.
 
     Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
-    upstream streams one event per ``max_tokens``), at every concurrency. The proxy runs the
-    demo contract (:func:`bench_contracts`: every completion judged against its JSON Schema)
-    and the upstream answers a layout that matches it, as a good adapter does. With ``itl_ms``
+    upstream streams one event per ``max_tokens``), at every concurrency. The proxy's contract
+    expects JSON and judges every completion against ``json_schema`` (:func:`bench_contracts`;
+    ``loragate bench proxy`` gives the demo contract's, which the upstream's answer matches, as
+    a good adapter's does). With ``itl_ms``
     the upstream paces streamed tokens that far apart, as an engine does, so every event
     crosses the proxy in a read and a write of its own (see :mod:`loragate.bench.upstream`).
     With a ``placement`` the proxy (and each peer) runs on its CPUs and the client and upstream
@@ -542,11 +542,11 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
 
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
     contracts = workdir / "adapters.yaml"
-    bench_contracts(contracts)
+    bench_contracts(contracts, json_schema)
     up_port, proxy_port = free_port(), free_port()
     peer_ports = {peer.name: free_port() for peer in peers or []}
     if without_schema:
-        bench_contracts(workdir / "adapters-no-schema.yaml", schema=False)
+        bench_contracts(workdir / "adapters-no-schema.yaml", None)
         peer_ports[NO_SCHEMA_SIDE] = free_port()
     procs: list[subprocess.Popen] = []
     peer_procs: dict[str, subprocess.Popen] = {}

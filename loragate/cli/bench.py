@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if "proxy" in which:
         from loragate.bench.peers import prepare
+        from loragate.demo.data import LAYOUT_SCHEMA  # the demo adapters' contract: what the proxy judges
 
         placement = split_cpus(shared=args.shared_cpus)
         result["proxy_placement"] = placement.as_json() if placement else None
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         result["proxy_peers"] = [{"name": p.name, "version": p.version, "source": p.source} for p in peers]
         result["proxy_peers_left_out"] = notes
         result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
-                                      args.itl_ms, placement, peers, without_schema=args.also_without_schema)
+                                      args.itl_ms, placement, peers, json_schema=LAYOUT_SCHEMA,
+                                      without_schema=args.also_without_schema)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "stack" in which or "verdict" in which:
         from loragate.stack import running_stack
