@@ -12,7 +12,11 @@ Three benchmarks, each printing a table and adding to one JSON result:
    request and per chunk (from its own CPU counters). The proxy runs alone on one CPU and the
    client and upstream on the others (:func:`split_cpus`; ``--shared-cpus``: all on every
    CPU); on few cores they still shape requests/s, so CPU per request is the fair figure,
-   not raw requests/s. Streams run twice, short (``--chunks``) and long
+   not raw requests/s. The proxy runs the demo contract (every completion judged against its
+   JSON Schema) and the upstream answers a layout that matches it. Peers a user could run
+   instead (nginx, vllm-router: :mod:`loragate.bench.peers`) relay the same requests in the
+   same rounds, and the proxy's CPU per request, added p50 and requests/s are set against
+   theirs. Streams run twice, short (``--chunks``) and long
    (``--long-chunks``), because a streamed request's CPU is a fixed part plus a part per
    chunk: the difference between the two, divided by the difference in chunks, is the proxy's
    CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.
@@ -22,9 +26,9 @@ Three benchmarks, each printing a table and adding to one JSON result:
    both sides alike: the proxied streams' tokens/s as a share of the direct ones'.
 3. ``verdict``: wall time of a full ``loragate gate`` run for one demo adapter, by phase.
 
-Direct and proxied blocks come in rounds of one each, in an order a seeded coin picks per round
-(:data:`ORDER_SEED`), so drift in the machine's load falls on both sides alike and no rhythm of
-the machine or the engine lines up with one side. Each target is judged on the per-round
+Direct and proxied blocks (and each peer's) come in rounds of one each, in an order a seeded
+shuffle picks per round (:data:`ORDER_SEED`), so drift in the machine's load falls on every side
+alike and no rhythm of the machine or the engine lines up with one side. Each target is judged on the per-round
 values: their median and a distribution-free 95 % interval (:func:`median_interval`); a target
 is "met" only when the whole interval is on its side.
 """
@@ -69,7 +73,7 @@ TARGET_STREAM_CPU_VS_PEER = 1.5
 TARGET_ADDED_P50_VS_PEER_MS = 0.3
 TARGET_PEER_CONCURRENCIES = (16, 64)
 
-#: Seed of the coin that orders each round's two blocks (direct or proxied first): a fixed,
+#: Seed of the shuffle that orders each round's blocks (direct, proxied, and each peer's): a fixed,
 #: reproducible order that no slow/fast rhythm of the machine or the engine lines up with.
 ORDER_SEED = 20261202
 
