@@ -20,7 +20,7 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "1", "4",
-         "--requests", "24", "--rounds", "1", "--chunks", "8", "--long-chunks", "32", "--out", str(out)],
+         "--requests", "24", "--rounds", "1", "--chunks", "8", "--long-chunks", "32", "--peers", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # its working folder is gone
@@ -31,7 +31,9 @@ def test_proxy_benchmark_reports_overhead_and_cpu_per_request_and_chunk(tmp_path
         assert result["proxy_placement"] == {"measured_cpus": cpus[-1:], "client_and_upstream_cpus": cpus[:-1]}
     else:
         assert result["proxy_placement"] is None
+    assert result["proxy_peers"] == [] and result["proxy_peers_left_out"] == []  # a bare --peers: none
     rows = result["proxy"]
+    assert all("peers" not in r and "vs" not in r for r in rows)
     assert sorted((r["concurrency"], r["stream"], r.get("chunks_per_request")) for r in rows) == [
         (1, False, None), (1, True, 8), (1, True, 32), (4, False, None), (4, True, 8), (4, True, 32)]
     for r in rows:
@@ -123,7 +125,8 @@ def test_paced_proxy_benchmark_says_so_and_records_the_pacing(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "4", "--requests", "16",
-         "--rounds", "1", "--chunks", "4", "--long-chunks", "12", "--itl-ms", "1", "--shared-cpus", "--out", str(out)],
+         "--rounds", "1", "--chunks", "4", "--long-chunks", "12", "--itl-ms", "1", "--shared-cpus", "--peers",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(out.read_text())["proxy_placement"] is None
@@ -369,3 +372,105 @@ def test_added_latency_at_concurrency_16_is_judged_per_round_like_the_cpu(capsys
     bench.print_tables({"proxy": [row, {**row, "concurrency": 1}]})
     out = capsys.readouterr().out
     assert out.count("0.40 - 0.90") == 1  # the per-round interval is printed for concurrency 16 only
+
+
+def test_the_bench_proxy_runs_the_demo_contract_and_the_upstream_answers_what_it_accepts(tmp_path):
+    """What is measured is the contract a user runs: JSON output judged against the demo layout's
+    schema, on answers that match it (the compiled validator's path, as for a good adapter)."""
+    from loragate import bench
+    from loragate.bench.upstream import ANSWER, MODEL, _stream_events
+    from loragate.core.contracts import load_contracts
+    from loragate.core.judging import JsonResult, compile_schema, judge_json
+    from loragate.demo.data import LAYOUT_SCHEMA
+
+    bench.bench_contracts(tmp_path / "adapters.yaml", LAYOUT_SCHEMA)
+    contract = load_contracts(tmp_path / "adapters.yaml")[MODEL]
+    assert contract.expects_json and contract.json_schema == LAYOUT_SCHEMA
+    compiled = compile_schema(contract.json_schema)
+    assert compiled.fast is not None
+    assert judge_json(ANSWER, compiled) == (JsonResult.VALID, None)
+    streamed = "".join(json.loads(e[6:])["choices"][0]["text"] for e in _stream_events(False, 16, False)[:-1])
+    assert streamed == ANSWER
+
+
+def test_peers_are_measured_in_the_same_rounds_and_the_proxy_set_against_each(tmp_path):
+    """nginx (Debian's) and vllm-router (PyPI's), set up by the bench where missing, and a proxy
+    whose contract has no schema relay the same requests in the same rounds as the proxy, each on
+    the proxy's CPU; each row carries their numbers and the proxy's ratios to them."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "4", "--requests", "16",
+         "--rounds", "2", "--chunks", "4", "--long-chunks", "4", "--also-without-schema", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [p["name"] for p in result["proxy_peers"]] == ["nginx", "vllm-router"], result["proxy_peers_left_out"]
+    assert all(p["version"] for p in result["proxy_peers"])
+    rows = result["proxy"]
+    assert [(r["stream"], r.get("chunks_per_request")) for r in rows] == [(False, None), (True, 4.0)]
+    for r in rows:
+        assert sorted(r["peers"]) == sorted(r["vs"]) == ["loragate, no schema", "nginx", "vllm-router"]
+        for name, peer in r["peers"].items():
+            assert peer["errors_direct"] == 0 and peer["errors_proxy"] == 0, name
+            assert peer["requests_each"] == r["requests_each"] == 32
+            assert len(peer["proxy_cpu_us_per_request_by_round"]) == 2 and peer["proxy_cpu_us_per_request"] > 0
+            if r["stream"]:
+                assert peer["chunks_per_request"] == 4.0  # every event relayed
+            vs = r["vs"][name]
+            assert vs["cpu_ratio"] == pytest.approx(r["proxy_cpu_us_per_request"] / peer["proxy_cpu_us_per_request"])
+            assert vs["added_p50_diff_ms"] == pytest.approx(r["added_p50_ms"] - peer["added_p50_ms"])
+    assert "Side by side" in run.stdout and "vs vllm-router" in run.stdout
+
+
+def test_a_peer_neither_installed_nor_set_up_is_left_out_with_a_note(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path / "home"), "PATH": os.path.dirname(sys.executable)}
+    run = subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "bench", "proxy", "--concurrency", "2", "--requests", "8",
+         "--rounds", "1", "--chunks", "2", "--long-chunks", "2", "--no-peer-setup", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["proxy_peers"] == [] and len(result["proxy_peers_left_out"]) == 2
+    assert "left out: nginx: not installed and not set up" in run.stderr
+    assert "left out: vllm-router: not installed and not set up" in run.stderr
+    assert not (tmp_path / "home" / "peers").exists()  # nothing fetched
+    assert all("peers" not in r for r in result["proxy"])
+
+
+def test_an_unknown_peer_is_refused_before_anything_runs():
+    import argparse
+
+    from loragate.cli import bench
+    from loragate.core.errors import LoragateError
+
+    parser = argparse.ArgumentParser()
+    bench.configure(parser, "bench")
+    with pytest.raises(LoragateError, match="unknown peer 'haproxy': choose from nginx, vllm-router"):
+        bench.run(parser.parse_args(["proxy", "--peers", "nginx", "haproxy"]))
+
+
+def test_the_proxy_against_a_peer_is_judged_per_round(capsys):
+    from loragate import bench
+
+    def side(cpu: list[float], p50: list[float], rps: list[float]) -> dict:
+        return {"proxy_cpu_us_per_request": sum(cpu) / len(cpu), "proxy_cpu_us_per_request_by_round": cpu,
+                "added_p50_ms": sum(p50) / len(p50), "added_p50_ms_by_round": p50,
+                "requests_per_s_ratio": sum(rps) / len(rps), "requests_per_s_ratio_by_round": rps}
+
+    ours = side([100.0, 110, 90, 100, 120, 95], [0.5, 0.6, 0.4, 0.5, 0.7, 0.5], [0.5] * 6)
+    router = side([60.0, 60, 60, 50, 60, 60], [0.3, 0.3, 0.3, 0.3, 0.3, 0.3], [1.0] * 6)
+    vs = bench.versus(ours, router)
+    assert vs["cpu_ratio_by_round"] == pytest.approx([100 / 60, 110 / 60, 1.5, 2.0, 2.0, 95 / 60])
+    assert vs["added_p50_diff_ms_by_round"] == pytest.approx([0.2, 0.3, 0.1, 0.2, 0.4, 0.2])
+    assert vs["requests_per_s_ratio_by_round"] == pytest.approx([0.5] * 6)
+    row = {"concurrency": 16, "stream": False, **ours, "vs": {"vllm-router": vs}}
+    (cpu, p50) = bench.peer_targets([row, {**row, "concurrency": 1}])  # concurrency 1 is not judged
+    assert cpu["target"] == bench.TARGET_CPU_VS_PEER and cpu["judged"] == "met"  # every round at most 2x
+    assert p50["target"] == bench.TARGET_ADDED_P50_VS_PEER_MS and p50["judged"].startswith("not shown")
+    stream = {**row, "stream": True, "chunks_per_request": 16.0}
+    (s,) = bench.peer_targets([stream])
+    assert s["target"] == bench.TARGET_STREAM_CPU_VS_PEER and s["judged"] == "not shown (the interval spans the target)"
+    slower = bench.versus(side([400.0] * 6, [2.0] * 6, [0.2] * 6), router)
+    (cpu, p50) = bench.peer_targets([{**row, "vs": {"vllm-router": slower}}])
+    assert cpu["judged"] == "missed" and p50["judged"] == "missed"

@@ -1,6 +1,6 @@
 """``loragate bench``: what the proxy costs, what the stack delivers, how long a verdict takes.
 
-Three benchmarks, each printing a table and adding to one JSON result:
+Five benchmarks, each printing a table and adding to one JSON result:
 
 1. ``proxy``: the same load sent direct to an upstream and through the proxy, in one run,
    at concurrency 1, 16 and 64, streaming and not. The upstream is
@@ -12,7 +12,11 @@ Three benchmarks, each printing a table and adding to one JSON result:
    request and per chunk (from its own CPU counters). The proxy runs alone on one CPU and the
    client and upstream on the others (:func:`split_cpus`; ``--shared-cpus``: all on every
    CPU); on few cores they still shape requests/s, so CPU per request is the fair figure,
-   not raw requests/s. Streams run twice, short (``--chunks``) and long
+   not raw requests/s. The proxy runs the demo contract (every completion judged against its
+   JSON Schema) and the upstream answers a layout that matches it. Peers a user could run
+   instead (nginx, vllm-router: :mod:`loragate.bench.peers`) relay the same requests in the
+   same rounds, and the proxy's CPU per request, added p50 and requests/s are set against
+   theirs. Streams run twice, short (``--chunks``) and long
    (``--long-chunks``), because a streamed request's CPU is a fixed part plus a part per
    chunk: the difference between the two, divided by the difference in chunks, is the proxy's
    CPU per chunk (``cpu_us_per_chunk_marginal``), which the fixed part does not inflate.
@@ -26,10 +30,11 @@ Three benchmarks, each printing a table and adding to one JSON result:
    request; ``max_in_flight`` high enough that none is skipped) on the bench upstream, compared as the ``proxy`` benchmark compares
    direct and proxied (added latency p50/p99 per request, and the shadowing proxy's CPU per live
    request, its shadows' work included).
+5. ``shadow-stack``: what shadows cost the real engine (:func:`bench_shadow_stack`).
 
-Direct and proxied blocks come in rounds of one each, in an order a seeded coin picks per round
-(:data:`ORDER_SEED`), so drift in the machine's load falls on both sides alike and no rhythm of
-the machine or the engine lines up with one side. Each target is judged on the per-round
+Direct and proxied blocks (and each peer's) come in rounds of one each, in an order a seeded
+shuffle picks per round (:data:`ORDER_SEED`), so drift in the machine's load falls on every side
+alike and no rhythm of the machine or the engine lines up with one side. Each target is judged on the per-round
 values: their median and a distribution-free 95 % interval (:func:`median_interval`); a target
 is "met" only when the whole interval is on its side.
 """
@@ -48,7 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 from loragate.bench.placement import Placement, cpu_list, on_cpus, split_cpus  # noqa: F401  (split_cpus: the benchmarks' API)
@@ -65,9 +70,18 @@ TARGET_CPU_PER_CHUNK_US = 20.0
 TARGET_STACK_TOKENS_RATIO = 0.98
 #: ``loragate diagnose`` for one demo adapter, wall time on 2 cores (warm engine).
 TARGET_DIAGNOSE_S = 15.0
-TARGET_VERDICT_S = 120.0
+TARGET_VERDICT_S = 60.0  # wall, on 2 cores, diagnosis included
+#: Targets against vllm-router measured in the same rounds (issue: performance against what users
+#: would put there instead, with the contract's schema on), at concurrency 16 and 64: the proxy's
+#: CPU per non-streamed request and per short stream as a multiple of the router's, and (at
+#: concurrency 16, non-streamed) its added p50 minus the router's.
+TARGET_PEER = "vllm-router"
+TARGET_CPU_VS_PEER = 2.0
+TARGET_STREAM_CPU_VS_PEER = 1.5
+TARGET_ADDED_P50_VS_PEER_MS = 0.3
+TARGET_PEER_CONCURRENCIES = (16, 64)
 
-#: Seed of the coin that orders each round's two blocks (direct or proxied first): a fixed,
+#: Seed of the shuffle that orders each round's blocks (direct, proxied, and each peer's): a fixed,
 #: reproducible order that no slow/fast rhythm of the machine or the engine lines up with.
 ORDER_SEED = 20261202
 
@@ -325,28 +339,48 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
-                   rounds: int, proxy_pid: int | None) -> dict:
-    async with _sides(direct_url, proxy_url, concurrency) as ((direct_client, direct_path), (proxy_client, proxy_path)):
-        # warm-up, not counted: opens each side's connections
-        await _run_block(direct_client, direct_path, body, concurrency, concurrency)
-        await _run_block(proxy_client, proxy_path, body, concurrency, concurrency)
-        direct, proxied, cpu, cpu_by_round = [], [], 0.0, []
+async def _measure_sides(urls: list[str], pids: list[int | None], body: dict, concurrency: int, requests: int,
+                         rounds: int) -> tuple[list[list[Block]], list[list[float]]]:
+    """``rounds`` rounds of one block per side (each side's URL through its own load client), the
+    sides in an order a seeded shuffle picks per round (:data:`ORDER_SEED`), after a warm-up
+    block per side. Returns each side's blocks, round by round, and the CPU seconds its process
+    (``pids``; None: not measured) spent in each of its blocks."""
+    blocks: list[list[Block]] = [[] for _ in urls]
+    cpu_s: list[list[float]] = [[] for _ in urls]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(_load_client(url, concurrency)) for url in urls]
+        for client, path in clients:  # warm-up, not counted: opens each side's connections
+            await _run_block(client, path, body, concurrency, concurrency)
         order = random.Random(ORDER_SEED)
         for _ in range(rounds):
-            proxy_first = order.random() < 0.5
-            if not proxy_first:
-                direct.append(await _run_block(direct_client, direct_path, body, concurrency, requests))
-            before = _cpu_seconds(proxy_pid) if proxy_pid else 0.0
-            proxied.append(await _run_block(proxy_client, proxy_path, body, concurrency, requests))
-            if proxy_pid:
-                spent = _cpu_seconds(proxy_pid) - before
-                cpu += spent
-                cpu_by_round.append(spent / max(1, len(proxied[-1].latencies_s)) * 1e6)
-            if proxy_first:
-                direct.append(await _run_block(direct_client, direct_path, body, concurrency, requests))
+            sequence = list(range(len(urls)))
+            order.shuffle(sequence)
+            for i in sequence:
+                pid = pids[i]
+                before = _cpu_seconds(pid) if pid else 0.0
+                blocks[i].append(await _run_block(*clients[i], body, concurrency, requests))
+                if pid:
+                    cpu_s[i].append(_cpu_seconds(pid) - before)
+    return blocks, cpu_s
+
+
+async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int, requests: int,
+                   rounds: int, proxy_pid: int | None) -> dict:
+    """Direct and proxied blocks in rounds (:func:`_measure_sides`): what the proxy adds."""
+    (direct, proxied), (_, cpu_s) = await _measure_sides([direct_url, proxy_url], [None, proxy_pid], body,
+                                                         concurrency, requests, rounds)
+    return _pair(direct, proxied, cpu_s if proxy_pid else None, body, concurrency, rounds)
+
+
+def _pair(direct: list[Block], proxied: list[Block], cpu_s: list[float] | None, body: dict, concurrency: int,
+          rounds: int) -> dict:
+    """What the side of ``proxied`` adds to the direct one, from their blocks round by round and the
+    CPU seconds of the side's process in each (None: not measured). The keys name the side
+    ``proxy``, whatever it is."""
     d, p = _merge(direct), _merge(proxied)
     n = len(p.latencies_s)
+    cpu = sum(cpu_s) if cpu_s is not None else 0.0
+    cpu_by_round = [spent / max(1, len(block.latencies_s)) * 1e6 for spent, block in zip(cpu_s or [], proxied)]
     added_p50_ms = (_percentile(p.latencies_s, 0.5) - _percentile(d.latencies_s, 0.5)) * 1e3
     result = {
         "concurrency": concurrency,
@@ -359,7 +393,9 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         "added_p50_ms": added_p50_ms,
         "added_p99_ms": (_percentile(p.latencies_s, 0.99) - _percentile(d.latencies_s, 0.99)) * 1e3,
         "requests_per_s_ratio": (n / p.wall_s) / (len(d.latencies_s) / d.wall_s),
-        "proxy_cpu_us_per_request": cpu / n * 1e6 if proxy_pid else None,
+        "requests_per_s_ratio_by_round": [_rate(pb) / _rate(db) for db, pb in zip(direct, proxied)
+                                          if _rate(db) and _rate(pb)],
+        "proxy_cpu_us_per_request": cpu / n * 1e6 if cpu_s is not None else None,
         "rounds": rounds,
         "proxy_cpu_us_per_request_by_round": cpu_by_round,
         "proxy_cpu_us_per_request_rounds": median_interval(cpu_by_round),
@@ -375,7 +411,7 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         result["chunks_per_request"] = chunks_per_request
         result["added_ms_per_chunk"] = added_p50_ms / max(1.0, chunks_per_request)
         result["chunks_per_s_ratio"] = (p.chunks / p.wall_s) / max(1e-9, d.chunks / d.wall_s)
-        result["proxy_cpu_us_per_chunk"] = cpu / max(1, p.chunks) * 1e6 if proxy_pid else None
+        result["proxy_cpu_us_per_chunk"] = cpu / max(1, p.chunks) * 1e6 if cpu_s is not None else None
     if d.tokens and p.tokens:
         direct_rate, proxy_rate = d.tokens / d.wall_s, p.tokens / p.wall_s
         result["direct_tokens_per_s"] = direct_rate
@@ -389,6 +425,47 @@ async def _compare(direct_url: str, proxy_url: str, body: dict, concurrency: int
         result["tokens_per_s_ratio_by_round"] = by_round
         result["tokens_per_s_ratio_rounds"] = median_interval(by_round)
     return result
+
+
+def _rate(block: Block) -> float:
+    """Requests per second of one block."""
+    return len(block.latencies_s) / block.wall_s if block.wall_s > 0 else 0.0
+
+
+def versus(ours: dict, peer: dict) -> dict:
+    """The proxy against a peer measured in the same rounds (two :func:`_pair` results): its CPU
+    per request as a multiple of the peer's, its added p50 minus the peer's (ms), and its
+    requests/s as a share of the peer's; each pooled over the run and per round (the two blocks
+    of one round), the per-round values judged like the others (:func:`median_interval`)."""
+    cpu = [a / b for a, b in zip(ours["proxy_cpu_us_per_request_by_round"], peer["proxy_cpu_us_per_request_by_round"])
+           if b > 0]
+    p50 = [a - b for a, b in zip(ours["added_p50_ms_by_round"], peer["added_p50_ms_by_round"])]
+    rps = [a / b for a, b in zip(ours["requests_per_s_ratio_by_round"], peer["requests_per_s_ratio_by_round"]) if b > 0]
+    ours_cpu, peer_cpu = ours.get("proxy_cpu_us_per_request"), peer.get("proxy_cpu_us_per_request")
+    return {
+        "cpu_ratio": ours_cpu / peer_cpu if ours_cpu and peer_cpu else None,
+        "cpu_ratio_by_round": cpu, "cpu_ratio_rounds": median_interval(cpu),
+        "added_p50_diff_ms": ours["added_p50_ms"] - peer["added_p50_ms"],
+        "added_p50_diff_ms_by_round": p50, "added_p50_diff_ms_rounds": median_interval(p50),
+        "requests_per_s_ratio": ours["requests_per_s_ratio"] / peer["requests_per_s_ratio"],
+        "requests_per_s_ratio_by_round": rps, "requests_per_s_ratio_rounds": median_interval(rps),
+    }
+
+
+async def _compare_with_peers(direct_url: str, proxy_url: str, proxy_pid: int | None,
+                              peers: dict[str, tuple[str, int]], body: dict, concurrency: int, requests: int,
+                              rounds: int) -> dict:
+    """Direct, the proxy and each peer (name: URL and PID) in the same rounds: the proxy's row as
+    :func:`_compare` gives it, plus each peer's (``peers``) and the proxy against each (``vs``)."""
+    names = list(peers)
+    blocks, cpu_s = await _measure_sides([direct_url, proxy_url, *(peers[n][0] for n in names)],
+                                         [None, proxy_pid, *(peers[n][1] for n in names)],
+                                         body, concurrency, requests, rounds)
+    row = _pair(blocks[0], blocks[1], cpu_s[1] if proxy_pid else None, body, concurrency, rounds)
+    row["peers"] = {name: _pair(blocks[0], blocks[2 + i], cpu_s[2 + i], body, concurrency, rounds)
+                    for i, name in enumerate(names)}
+    row["vs"] = {name: versus(row, peer) for name, peer in row["peers"].items()}
+    return row
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -440,26 +517,51 @@ def chunk_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
+#: The side ``--also-without-schema`` adds: a second proxy whose contract has no JSON Schema.
+NO_SCHEMA_SIDE = "loragate, no schema"
+
+
+def bench_contracts(path: Path, json_schema: Mapping[str, Any] | None) -> None:
+    """Write the contracts the bench's proxy runs: the bench adapter expecting JSON, judged
+    against ``json_schema`` when one is given (``loragate bench proxy`` gives the demo adapters'
+    poster layout schema, as a user's JSON adapter runs)."""
+    from loragate.bench.upstream import MODEL
+
+    contract: dict = {"output": "json", "max_tokens": 256}
+    if json_schema is not None:
+        contract["json_schema"] = json_schema
+    path.write_text(json.dumps({"base_model": "bench-base", "adapters": {MODEL: contract}}, indent=2) + "\n")
+
+
 def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: int, long_chunks: int,
-                itl_ms: float = 0.0, placement: Placement | None = None) -> list[dict]:
+                itl_ms: float = 0.0, placement: Placement | None = None, peers: list[Any] | None = None,
+                json_schema: Mapping[str, Any] | None = None, without_schema: bool = False) -> list[dict]:
     """Benchmark 1: proxy overhead against the instant upstream.
 
     Non-streamed requests, then streams of ``chunks`` and of ``long_chunks`` events (the bench
-    upstream streams one event per ``max_tokens``), at every concurrency. With ``itl_ms`` the
-    upstream paces streamed tokens that far apart, as an engine does, so every event crosses
-    the proxy in a read and a write of its own (see :mod:`loragate.bench.upstream`). With a
-    ``placement`` the proxy runs on its CPUs and the client and upstream on theirs (else all
-    three share every CPU).
+    upstream streams one event per ``max_tokens``), at every concurrency. The proxy's contract
+    expects JSON and judges every completion against ``json_schema`` (:func:`bench_contracts`;
+    ``loragate bench proxy`` gives the demo contract's, which the upstream's answer matches, as
+    a good adapter's does). With ``itl_ms``
+    the upstream paces streamed tokens that far apart, as an engine does, so every event
+    crosses the proxy in a read and a write of its own (see :mod:`loragate.bench.upstream`).
+    With a ``placement`` the proxy (and each peer) runs on its CPUs and the client and upstream
+    on theirs (else all share every CPU). Each of ``peers`` (:class:`loragate.bench.peers.Peer`)
+    relays the same requests in the same rounds (:func:`_compare_with_peers`), and with
+    ``without_schema`` a second proxy whose contract has no schema (:data:`NO_SCHEMA_SIDE`).
     """
     from loragate.bench.upstream import MODEL
 
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
     contracts = workdir / "adapters.yaml"
-    contracts.write_text(
-        f"base_model: bench-base\nadapters:\n  {MODEL}:\n    output: json\n    max_tokens: 64\n"
-    )
+    bench_contracts(contracts, json_schema)
     up_port, proxy_port = free_port(), free_port()
-    procs = []
+    peer_ports = {peer.name: free_port() for peer in peers or []}
+    if without_schema:
+        bench_contracts(workdir / "adapters-no-schema.yaml", None)
+        peer_ports[NO_SCHEMA_SIDE] = free_port()
+    procs: list[subprocess.Popen] = []
+    peer_procs: dict[str, subprocess.Popen] = {}
     keep = False
     try:
         with on_cpus(placement.load if placement else None):  # the upstream, and this process's client
@@ -468,36 +570,54 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
                  "--itl-ms", str(itl_ms)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             _wait_http(f"http://127.0.0.1:{up_port}/health")
-            with (workdir / "proxy.log").open("w") as proxy_log, on_cpus(placement.measured if placement else None):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-                     "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(proxy_port)],
-                    stdout=proxy_log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}))
+            with contextlib.ExitStack() as logs, on_cpus(placement.measured if placement else None):
+                proxy_log = logs.enter_context((workdir / "proxy.log").open("w"))
+                procs.append(_start_proxy(up_port, proxy_port, contracts, proxy_log))
+                if without_schema:
+                    peer_procs[NO_SCHEMA_SIDE] = _start_proxy(
+                        up_port, peer_ports[NO_SCHEMA_SIDE], workdir / "adapters-no-schema.yaml",
+                        logs.enter_context((workdir / "proxy-no-schema.log").open("w")))
+                    procs.append(peer_procs[NO_SCHEMA_SIDE])
+                for peer in peers or []:
+                    log = logs.enter_context((workdir / f"{peer.name}.log").open("w"))
+                    peer_procs[peer.name] = peer.start(peer_ports[peer.name], up_port, workdir / peer.name, log)
+                    procs.append(peer_procs[peer.name])
             _wait_http(f"http://127.0.0.1:{proxy_port}/health")
+            for name, port in peer_ports.items():
+                _wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60)
             results = []
             plans = [(False, chunks), (True, chunks)] + ([(True, long_chunks)] if long_chunks != chunks else [])
             for stream, tokens in plans:
                 body = {"model": MODEL, "prompt": "bench", "max_tokens": tokens, "stream": stream}
                 for c in concurrencies:
                     what = f"{tokens} chunks" if stream else "not streamed"
-                    print(f"[bench proxy] concurrency {c}, {what} ...", file=sys.stderr, flush=True)
-                    row = asyncio.run(_compare(
+                    sides = f" (with {', '.join(peer_ports)})" if peer_ports else ""
+                    print(f"[bench proxy] concurrency {c}, {what}{sides} ...", file=sys.stderr, flush=True)
+                    row = asyncio.run(_compare_with_peers(
                         f"http://127.0.0.1:{up_port}/v1/completions",
-                        f"http://127.0.0.1:{proxy_port}/v1/completions",
-                        body, c, max(requests, c * 4), rounds, procs[1].pid))
+                        f"http://127.0.0.1:{proxy_port}/v1/completions", procs[1].pid,
+                        {name: (f"http://127.0.0.1:{port}/v1/completions", peer_procs[name].pid)
+                         for name, port in peer_ports.items()},
+                        body, c, max(requests, c * 4), rounds))
                     row["itl_ms"] = itl_ms if stream else None
+                    if not peer_ports:
+                        del row["peers"], row["vs"]
                     results.append(row)
         return results
     except BaseException:
-        print(f"[bench proxy] stopped; the proxy's log is kept in {workdir}", file=sys.stderr, flush=True)
+        print(f"[bench proxy] stopped; the logs of the proxy and its peers are kept in {workdir}", file=sys.stderr,
+              flush=True)
         keep = True
         raise
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=10)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
         if not keep:  # finished: nothing in it worth keeping
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -648,6 +768,13 @@ def _shadows_idle(port: int) -> bool:
                if line.startswith(SHADOWS_IN_FLIGHT + "{"))
 
 
+def _start_proxy(upstream_port: int, port: int, contracts: Path, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
+         "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"})
+
+
 def bench_stack(info: Any, adapter: str, requests: int, concurrency: int, rounds: int,
                 shared_cpus: bool = False) -> dict:
     """Benchmark 2: output tokens/s through the proxy vs direct, on the real local stack.
@@ -789,6 +916,8 @@ def print_tables(result: dict) -> None:
                       f"{against_target(iv, target, higher_is_better=False)}")
         print(f"targets at concurrency 16: added p50 <= {TARGET_ADDED_P50_MS} ms, p99 <= {TARGET_ADDED_P99_MS} ms; "
               f"CPU <= {TARGET_CPU_PER_REQUEST_US:.0f} us/request (non-streamed), <= {TARGET_CPU_PER_CHUNK_US:.0f} us/chunk")
+    if any(r.get("peers") for r in result.get("proxy") or []):
+        print_peers(result)
     if result.get("stack"):
         r = result["stack"]
         where = r.get("placement")
@@ -848,6 +977,67 @@ def print_tables(result: dict) -> None:
             print(f"Diagnosis alone (loragate diagnose {r['adapter']}): {d['wall_s']:.1f}s wall, "
                   f"{_fmt(d['own_s'], '.1f')}s scoring (target < {TARGET_DIAGNOSE_S:.0f}s), "
                   f"findings: {', '.join(d['findings']) or 'none'} (exit {d['exit_code']})")
+
+
+def peer_targets(rows: list[dict]) -> list[dict]:
+    """The proxy against :data:`TARGET_PEER` (in the rows' ``vs``), judged on the per-round values:
+    CPU per non-streamed request and per short stream (the fewest chunks measured) at each of
+    :data:`TARGET_PEER_CONCURRENCIES`, and the added p50 at concurrency 16, non-streamed."""
+    out = []
+    short = min((r["chunks_per_request"] for r in rows if r["stream"]), default=None)
+    for r in rows:
+        vs = (r.get("vs") or {}).get(TARGET_PEER)
+        if vs is None or r["concurrency"] not in TARGET_PEER_CONCURRENCIES:
+            continue
+        if r["stream"] and r["chunks_per_request"] != short:
+            continue
+        what = f"{r['chunks_per_request']:.0f}-chunk stream" if r["stream"] else "non-streamed request"
+        target = TARGET_STREAM_CPU_VS_PEER if r["stream"] else TARGET_CPU_VS_PEER
+        checks = [(f"CPU per {what}, concurrency {r['concurrency']}, as a multiple of {TARGET_PEER}'s",
+                   vs["cpu_ratio_rounds"], target, "x")]
+        if not r["stream"] and r["concurrency"] == 16:
+            checks.append((f"added p50, non-streamed, concurrency 16, minus {TARGET_PEER}'s",
+                           vs["added_p50_diff_ms_rounds"], TARGET_ADDED_P50_VS_PEER_MS, " ms"))
+        for label, iv, target, unit in checks:
+            out.append({"what": label, "target": target, "unit": unit.strip(), "rounds": iv,
+                        "judged": against_target(iv, target, higher_is_better=False)})
+    return out
+
+
+def print_peers(result: dict) -> None:
+    """The proxy and its peers side by side, then the proxy's ratios to each and the peer targets."""
+    rows = [r for r in result["proxy"] if r.get("peers")]
+    names = list(rows[0]["peers"])
+    versions = {p["name"]: p["version"] for p in result.get("proxy_peers") or []}
+    print("\nSide by side, same rounds (direct = the bench upstream without anything in front; added p50 over "
+          "direct; CPU of each process per request)")
+    print(f"{'conc':>5} {'chunks':>6} {'side':<22} {'added p50 ms':>12} {'req/s / direct':>14} {'CPU us/req':>10}")
+    for r in rows:
+        chunks = f"{r['chunks_per_request']:.0f}" if r["stream"] else "-"
+        for name, side in [("loragate (schema)", r), *((f"{n} {versions.get(n, '')}".strip(), r["peers"][n])
+                                                      for n in names)]:
+            print(f"{r['concurrency']:>5} {chunks:>6} {name:<22} {_fmt(side['added_p50_ms']):>12} "
+                  f"{_fmt(side['requests_per_s_ratio']):>14} {_fmt(side['proxy_cpu_us_per_request'], '.0f'):>10}")
+    print("\nloragate against each peer (pooled; per-round median in brackets): CPU per request as a multiple, "
+          "added p50 minus the peer's, req/s as a share")
+    for r in rows:
+        chunks = f"{r['chunks_per_request']:.0f} chunks" if r["stream"] else "not streamed"
+        for name, vs in r["vs"].items():
+            print(f"  c={r['concurrency']:<3} {chunks:<13} vs {name:<20} CPU x{_fmt(vs['cpu_ratio'])} "
+                  f"[{_fmt(vs['cpu_ratio_rounds']['median'])}], added p50 {vs['added_p50_diff_ms']:+.2f} ms "
+                  f"[{_fmt(vs['added_p50_diff_ms_rounds']['median'], '+.2f')}], req/s x{_fmt(vs['requests_per_s_ratio'])} "
+                  f"[{_fmt(vs['requests_per_s_ratio_rounds']['median'])}]")
+    for t in peer_targets(result["proxy"]):
+        iv = t["rounds"]
+        unit = t["unit"]
+
+        def value(v: float, unit: str = unit) -> str:
+            return f"x{v:.2f}" if unit == "x" else f"{v:.2f} {unit}"
+
+        spread = (f", {iv['coverage']:.0%} interval {value(iv['low'])} - {value(iv['high'])}"
+                  if iv["low"] is not None else "")
+        print(f"{t['what']}, {_rounds(iv['n'])}: median {value(iv['median']) if iv['n'] else '-'}{spread}; "
+              f"target <= {value(t['target'])}: {t['judged']}")
 
 
 #: The benchmarks ``loragate bench`` runs, in order.

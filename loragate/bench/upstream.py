@@ -24,7 +24,10 @@ import json
 import time
 
 MODEL = "bench-adapter"
-ANSWER = '{"title": "Instant", "panels": [{"heading": "Method", "column": 1}]}'
+#: The completion every answer carries: a poster layout that matches the demo contract's JSON
+#: Schema (:data:`loragate.demo.data.LAYOUT_SCHEMA`), as a good adapter answers.
+ANSWER = ('{"title": "Instant", "authors": ["A. Bench"], "panels": [{"heading": "Method", "column": 1}, '
+          '{"heading": "Results", "column": 2}], "theme": "light"}')
 
 
 def _completion_body(chat: bool, prompt_tokens: int, completion_tokens: int) -> bytes:

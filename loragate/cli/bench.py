@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from loragate.bench import (
     print_tables,
     split_cpus,
 )
+from loragate.bench.peers import PEERS
 from loragate.core import settings
 from loragate.core.errors import LoragateError
 
@@ -48,6 +50,15 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--shadow-candidate", default="poster-eos-masked",
                         help="shadow-stack benchmark: the candidate shadowing --adapter (default: the demo's "
                              "runaway, the most tokens a candidate can cost)")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), metavar="{" + ",".join(PEERS) + "}",
+                        help="proxy: pass-through peers measured in the same rounds (default: %(default)s; "
+                             "none with a bare --peers); one neither installed nor set up is left out with a note")
+    parser.add_argument("--no-peer-setup", action="store_true",
+                        help="proxy: use only peers already installed (default: fetch Debian's nginx and "
+                             "vllm-router from PyPI into the loragate home when missing)")
+    parser.add_argument("--also-without-schema", action="store_true",
+                        help="proxy: also measure, in the same rounds, a second proxy whose contract has no JSON "
+                             "Schema (what judging against the schema costs)")
     parser.add_argument("--adapter", default="poster-good", help="adapter for the stack and verdict benchmarks")
     parser.add_argument("--stack-requests", type=int, default=16)
     parser.add_argument("--stack-concurrency", type=int, default=4)
@@ -67,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             raise LoragateError(f"{flag} must be between 1 and {MAX_CHUNKS}, not {value}")
     if not 0 <= args.itl_ms <= 1000:
         raise LoragateError(f"--itl-ms must be between 0 and 1000, not {args.itl_ms:g}")
+    unknown_peers = [name for name in args.peers if name not in PEERS]
+    if unknown_peers:
+        raise LoragateError(f"unknown peer {', '.join(map(repr, unknown_peers))}: choose from {', '.join(PEERS)}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the tables
     import platform
 
@@ -75,10 +89,19 @@ def run(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "proxy" in which:
+        from loragate.bench.peers import prepare
+        from loragate.demo.data import LAYOUT_SCHEMA  # the demo adapters' contract: what the proxy judges
+
         placement = split_cpus(shared=args.shared_cpus)
         result["proxy_placement"] = placement.as_json() if placement else None
+        peers, notes = prepare(list(dict.fromkeys(args.peers)), setup=not args.no_peer_setup)
+        for note in notes:
+            print(f"[bench proxy] left out: {note}", file=sys.stderr, flush=True)
+        result["proxy_peers"] = [{"name": p.name, "version": p.version, "source": p.source} for p in peers]
+        result["proxy_peers_left_out"] = notes
         result["proxy"] = bench_proxy(args.concurrency, args.requests, args.rounds, args.chunks, args.long_chunks,
-                                      args.itl_ms, placement)
+                                      args.itl_ms, placement, peers, json_schema=LAYOUT_SCHEMA,
+                                      without_schema=args.also_without_schema)
         result["proxy_chunk_cost"] = chunk_costs(result["proxy"])
     if "shadow" in which:
         placement = split_cpus(shared=args.shared_cpus)

@@ -9,6 +9,7 @@ default ``./.loragate``, ignored by git)::
       stack/          state.json of the running local stack, and its logs/
       reports/        gate reports (JSON, JUnit XML, HTML), one folder a run
       promoted/       promotion records and the promoted set (values file for the chart)
+      peers/          proxies `loragate bench proxy` measures beside loragate's, when it had to fetch them
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from loragate.core.contracts import Contract, ContractSet
 from loragate.core.engine import parse_models
+from loragate.core.judging import CompiledSchema, compile_schema
 from loragate.server.metrics import OTHER_ADAPTER
 from loragate.server.upstream import Upstream, UpstreamError
 
@@ -32,7 +33,8 @@ MAX_ENGINE_NAMES = 1000
 
 
 class AdapterNames:
-    """Bounded adapter labels, contracts by name, and each served model's ``max_model_len``."""
+    """Bounded adapter labels, contracts (and their compiled schemas) by name, and each served model's
+    ``max_model_len``."""
 
     def __init__(self, contracts: ContractSet | None, upstream: Upstream,
                  on_known: Callable[[str], None] | None = None) -> None:
@@ -41,6 +43,10 @@ class AdapterNames:
         self.contracts = contracts
         self._upstream = upstream
         self._static = set(contracts.names) | {contracts.base_model} if contracts else set()
+        #: Each contract's JSON Schema, compiled once at start-up for every completion judged.
+        self._schemas: dict[str, CompiledSchema] = {
+            c.name: compile_schema(c.json_schema) for c in (contracts or ())
+            if c.json_schema is not None}
         self._engine: set[str] = set()
         self.max_model_len: dict[str, int] = {}
         self._last_refresh = float("-inf")
@@ -69,6 +75,10 @@ class AdapterNames:
         if self.contracts is not None and name in self.contracts:
             return self.contracts[name]
         return None
+
+    def schema(self, name: str) -> CompiledSchema | None:
+        """The compiled JSON Schema of ``name``'s contract; None without a contract or a schema."""
+        return self._schemas.get(name)
 
     def context_limit(self, name: str) -> int | None:
         return self.max_model_len.get(name)

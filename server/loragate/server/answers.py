@@ -3,15 +3,17 @@
 :func:`whole_answer` reads a non-streamed completions or chat answer (what the engine answered
 decides: a choice with ``text`` is a completion, one with a ``message`` a chat answer);
 :func:`judge_outputs` judges each choice on its generated part (an echoed prompt left out) with
-the one shared :func:`~loragate.core.judging.judge_completion`, by an adapter's contract.
+the one shared :func:`~loragate.core.judging.judge_completion`, by an adapter's contract: its
+schema as :class:`~loragate.server.adapters.AdapterNames` compiled it at start-up, its context
+limit as the engine serves it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
-from loragate.core.contracts import Contract
 from loragate.core.judging import ConstraintResult, Judgement, judge_completion, judge_constrained
+from loragate.server.adapters import AdapterNames
 from loragate.server.fields import Asked, echoed_prefix, generated_part
 
 
@@ -54,13 +56,16 @@ def whole_answer(answer: Any) -> Answer:
 
 
 def judge_outputs(outputs: list[Output], usage: Mapping[str, Any], chat: bool, asked: Asked,
-                  contract: Contract | None, context_limit: int | None,
+                  names: AdapterNames, adapter: str,
                   constrained: bool) -> list[tuple[Judgement, ConstraintResult | None]]:
-    """Each choice judged by ``contract`` (JSON, its schema) on its generated part; with
-    ``constrained`` (the request asked for JSON) also :func:`judge_constrained`."""
+    """Each choice judged on its generated part by ``adapter``'s contract (JSON, its compiled
+    schema, its context limit), all three read from ``names``; with ``constrained`` (the request
+    asked for JSON) also :func:`judge_constrained`, against the same compiled schema."""
     usage = usage if isinstance(usage, Mapping) else {}
+    contract = names.contract(adapter)
     json_contract = bool(contract and contract.expects_json)
-    schema = contract.json_schema if contract else None
+    schema = names.schema(adapter)
+    context_limit = names.context_limit(adapter)
     prompt_tokens = usage.get("prompt_tokens")
     completion_tokens = usage.get("completion_tokens")
     per_choice = completion_tokens // len(outputs) if completion_tokens and len(outputs) > 1 else completion_tokens

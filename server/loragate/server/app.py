@@ -802,8 +802,8 @@ class ProxyApp:
                 ex.completion_tokens = completion_tokens
             ex.finish = "scoring"
             return
-        judged = judge_outputs(outputs, usage, chat, ex.asked, contract,
-                               self._adapter_names().context_limit(ex.adapter), ex.json_constrained)
+        judged = judge_outputs(outputs, usage, chat, ex.asked, self._adapter_names(), ex.adapter,
+                               ex.json_constrained)
         for j, constrained in judged:
             m.completions.labels(ex.adapter, j.finish.value).inc()
             if j.length_cause is not None:

@@ -18,7 +18,7 @@ What holds:
 - At most ``max_in_flight`` shadows of a pair run at once (waiting for a turn included); a
   sampled request beyond them is skipped and counted (``outcome="skipped"``), never queued.
 - The candidate's answer is judged with the one :func:`~loragate.core.judging.judge_completion`
-  **by the candidate's contract** (JSON, its schema, its context limit): it is the candidate's
+  **by the candidate's contract** (JSON, its compiled schema, its context limit): it is the candidate's
   verdict, as ``loragate gate`` would judge it. The live answer stays judged by the live
   adapter's contract; their paired outcome on the same request is counted per choice.
 - Everything is counted in the ``loragate_shadow_*`` series (:mod:`loragate.core.metric_names`),
@@ -156,8 +156,8 @@ class Shadows:
                 outcome = "invalid_response"
                 m.shadow_requests.labels(c.candidate, c.live, outcome).inc()
                 return
-            judged = judge_outputs(answer.outputs, answer.usage, answer.chat, asked, names.contract(c.candidate),
-                                   names.context_limit(c.candidate), constrained=False)
+            judged = judge_outputs(answer.outputs, answer.usage, answer.chat, asked, names, c.candidate,
+                                   constrained=False)
             live_outcome = await asyncio.shield(live)
             # every count of this shadow in one synchronous step
             outcome = "judged"
