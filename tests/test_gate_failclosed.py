@@ -126,8 +126,17 @@ def test_a_candidate_loaded_at_runtime_promotes_stays_loaded_and_the_gate_sends_
     assert [c.body for c in relay.calls("/v1/load_lora_adapter")] == [{"lora_name": "cand-good", "lora_path": path}]
     assert not relay.calls("/v1/unload_lora_adapter")
     assert eng.fetch_models(eng.normalize_endpoint(stack.vllm_url)).get("cand-good") is not None
-    # What was sent: the training template, the contract's budget, greedy and seeded sampling, nothing else.
-    bodies = relay.completion_bodies()
+    # What was sent: the diagnosis' scoring requests (token ids, echo, nothing generated) ...
+    sent = relay.completion_bodies()
+    scoring = [b for b in sent if b.get("echo") is True and b.get("max_tokens") == 0]
+    for body in scoring:
+        assert set(body) == {"model", "prompt", "echo", "max_tokens", "logprobs", "temperature",
+                             "return_tokens_as_token_ids"}, body
+        assert all(isinstance(t, int) for t in body["prompt"]) and body["logprobs"] == 1
+    assert len(scoring) == 2 * 16 and {b["model"] for b in scoring} == {"cand-good", stack.base_model}
+    assert report["diagnosis"]["available"] and report["diagnosis"]["findings"] == []
+    # ... then the suite's: the training template, the contract's budget, greedy and seeded sampling, nothing else.
+    bodies = [b for b in sent if b not in scoring]
     # The candidate, and the baseline it is compared with (the base model: nothing promoted before).
     assert report["baseline"]["model"] == stack.base_model
     assert {b["model"] for b in bodies} == {"cand-good", stack.base_model}

@@ -587,3 +587,14 @@ def test_mean_interval_widens_with_spread_and_shrinks_with_prompts() -> None:
     assert one.low == float("-inf") and one.high == float("inf")
     with pytest.raises(ValueError):
         mean_interval([])
+
+
+def test_a_static_fact_comes_before_the_engine_refusing_the_load() -> None:
+    refused = CheckResult(id="gate.load_into_engine", phase="gate", name="runtime load", passed=False, gating=True,
+                          summary="runtime load: HTTP 500")
+    rank = CheckResult(id="static.lora_rank", phase="static", name="rank", passed=False, gating=True,
+                       summary="LoRA rank 64 above the served --max-lora-rank 16")
+    down = CheckResult(id="gate.endpoint", phase="gate", name="endpoint", passed=False, gating=True,
+                       summary="endpoint: down")
+    assert decide([refused, rank])[1] == [rank.summary, refused.summary]
+    assert decide([refused, rank, down])[1][0] == down.summary  # the gate not running at all: first

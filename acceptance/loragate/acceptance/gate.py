@@ -349,6 +349,8 @@ def _order_key(check: CheckResult, checks: Sequence[CheckResult]) -> tuple:
     metric_rank = {"json_validity": 0 if json_first else 1, "stop_rate": 1 if json_first else 0}.get(metric, 2)
     run_rank = {"greedy": 0, "sampled": 1}.get(run, 2)
     probe_len = int(run[len("probe-"):]) if run.startswith("probe-") and run[len("probe-"):].isdigit() else 0
+    if check.id == "gate.load_into_engine":  # the engine refusing the load: after the static facts that explain it
+        return (_PHASE_RANK["static"], 99, 0, 0, 0)
     return (_PHASE_RANK[check.phase], _cause_rank(run, metric), run_rank, probe_len, metric_rank)
 
 
