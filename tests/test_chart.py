@@ -34,6 +34,7 @@ from chart_tools import (
     helm,
     kinds,
     load_yaml,
+    lora_modules,
     one,
     pod_spec,
     render,
@@ -65,6 +66,12 @@ FULL_VALUES: dict[str, Any] = {
     "networkPolicy": {"ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]},
     "model": {"hub": {"cache": {"existingClaim": "hf-cache"}}, "revision": "0e9e39f249a16976918f6564b8830bc894c89659"},
     "lora": {"runtimeUpdating": True},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "engine"}}}],
+    "extraVolumes": [{"name": "ca-bundle", "configMap": {"name": "corporate-ca"}}],
+    "vllm": {"extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True}]},
+    "proxy": {"extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True}]},
 }
 
 
@@ -137,6 +144,75 @@ def test_strict_validation_catches_an_unknown_field() -> None:
         kubernetes_validate.validate(deployment, _validation_version(), strict=True)
 
 
+# --------------------------------------------------------------------------- chart-testing
+
+#: chart-testing's Chart.yaml schema (``etc/chart_schema.yaml`` of helm/chart-testing, which `ct
+#: lint` applies with yamale in strict mode: an unknown key is an error): key -> (types, required).
+CT_CHART_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True), "home": ((str,), True), "version": ((str,), True), "apiVersion": ((str,), True),
+    "appVersion": ((str, int, float), False), "description": ((str,), True), "keywords": ((list,), False),
+    "sources": ((list,), False), "maintainers": ((list,), False), "icon": ((str,), False),
+    "engine": ((str,), False), "condition": ((str,), False), "tags": ((str,), False),
+    "deprecated": ((bool,), False), "kubeVersion": ((str,), False), "annotations": ((dict,), False),
+    "type": ((str,), False),
+}
+#: A GitHub account name (what `ct lint --validate-maintainers` looks up on the chart's git host).
+GITHUB_ACCOUNT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
+
+
+def ct_lint_chart_yaml(chart: dict[str, Any]) -> list[str]:
+    """What `ct lint` reports about a Chart.yaml without a network: its schema (strict), and
+    its maintainers (there must be some, each with a name that can be an account, an optional
+    email and url)."""
+    errors = [f"{key}: unexpected key" for key in chart if key not in CT_CHART_SCHEMA]
+    for key, (types, required) in CT_CHART_SCHEMA.items():
+        if key not in chart:
+            if required:
+                errors.append(f"{key}: required")
+        elif not isinstance(chart[key], types) or (bool not in types and isinstance(chart[key], bool)):
+            errors.append(f"{key}: not a {'/'.join(t.__name__ for t in types)}")
+    for key in ("keywords", "sources"):
+        if not all(isinstance(item, str) for item in chart.get(key) or []):
+            errors.append(f"{key}: every item must be a string")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (chart.get("annotations") or {}).items()):
+        errors.append("annotations: keys and values must be strings")
+    maintainers = chart.get("maintainers") or []
+    if not maintainers:
+        errors.append("Chart doesn't have maintainers")
+    for m in maintainers:
+        if not isinstance(m, dict) or set(m) - {"name", "email", "url"} or not isinstance(m.get("name"), str):
+            errors.append(f"maintainer {m!r}: needs a name and only name, email, url")
+            continue
+        if not GITHUB_ACCOUNT.match(m["name"]):
+            errors.append(f"maintainer {m['name']!r}: not an account name")
+        if "email" in m and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", str(m["email"])):
+            errors.append(f"maintainer {m['name']!r}: bad email {m['email']!r}")
+        if "url" in m and not str(m["url"]).startswith("https://"):
+            errors.append(f"maintainer {m['name']!r}: url must be https")
+    return errors
+
+
+def test_chart_yaml_passes_chart_testings_schema_and_maintainers_check() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert ct_lint_chart_yaml(chart) == []
+    assert chart["maintainers"] and chart["home"].startswith("https://")
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda c: c.pop("maintainers"), "Chart doesn't have maintainers"),
+    (lambda c: c.update(maintainers=[]), "Chart doesn't have maintainers"),
+    (lambda c: c.update(maintainers=[{"email": "a@b.c"}]), "needs a name"),
+    (lambda c: c.update(maintainers=[{"name": "not an account"}]), "not an account name"),
+    (lambda c: c.pop("home"), "home: required"),
+    (lambda c: c.update(homepage="x"), "homepage: unexpected key"),
+    (lambda c: c.update(annotations={"n": 1}), "annotations: keys and values must be strings"),
+])
+def test_chart_testing_check_catches_what_ct_lint_refuses(change: Any, error: str) -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    change(chart)
+    assert any(error in e for e in ct_lint_chart_yaml(chart)), ct_lint_chart_yaml(chart)
+
+
 # --------------------------------------------------------------------------- checkov
 
 
@@ -206,7 +282,8 @@ def test_promoted_adapters_become_lora_modules_under_the_mount() -> None:
     docs = render(set_json={"adapters.promoted": [{"name": "a", "path": "a"}, {"name": "b-2", "path": "team/b"}],
                             "adapters.mountPath": "/srv/adapters"})
     args = container(docs, "vllm")["args"]
-    assert flag_values(args, "--lora-modules") == ["a=/srv/adapters/a", "b-2=/srv/adapters/team/b"]
+    assert flag_values(args, "--lora-modules") == ['{"name":"a","path":"/srv/adapters/a"}',
+                                                   '{"name":"b-2","path":"/srv/adapters/team/b"}']
     assert "--enable-lora" in args
     assert flag_values(args, "--max-loras") == ["4"] and flag_values(args, "--max-lora-rank") == ["64"]
     assert flag_values(args, "--max-cpu-loras") == ["8"]
@@ -266,8 +343,32 @@ def test_adapters_from_object_storage_are_fetched_by_an_init_container(full_valu
     volume = next(v for v in spec["volumes"] if v["name"] == "adapters")
     assert "emptyDir" in volume and "persistentVolumeClaim" not in volume
     assert container(docs, "vllm")["args"].count("--lora-modules") == 1
-    assert flag_values(container(docs, "vllm")["args"], "--lora-modules") == [
-        "support-triage=/adapters/support-triage", "summarizer=/adapters/team-a/summarizer"]
+    assert lora_modules(container(docs, "vllm")["args"]) == [
+        ("support-triage", "/adapters/support-triage"), ("summarizer", "/adapters/team-a/summarizer")]
+
+
+def test_service_links_are_off() -> None:
+    """A Service named ``vllm`` in the namespace would otherwise give the vLLM container
+    ``VLLM_PORT=tcp://...``, which vLLM reads as its port setting and refuses to start."""
+    for docs in (render(), render([CPU_VALUES])):
+        assert pod_spec(docs)["enableServiceLinks"] is False
+        assert one(docs, "Pod", "smoke-test")["spec"]["enableServiceLinks"] is False
+
+
+def test_topology_spread_and_extra_volumes_reach_the_pod(full_values: Path) -> None:
+    docs = render([full_values])
+    spec = pod_spec(docs)
+    assert spec["topologySpreadConstraints"] == FULL_VALUES["topologySpreadConstraints"]
+    assert spec["volumes"][-1] == FULL_VALUES["extraVolumes"][0]
+    for name in ("vllm", "proxy"):
+        assert container(docs, name)["volumeMounts"][-1] == FULL_VALUES[name]["extraVolumeMounts"][0]
+    default = pod_spec(render())
+    assert "topologySpreadConstraints" not in default
+    assert "ca-bundle" not in json.dumps(default)
+    err = render_error(set_json={"vllm.extraVolumeMounts": [{"name": "x", "mountPath": "relative"}]})
+    assert "/vllm/extraVolumeMounts/0/mountPath" in err
+    err = render_error(set_json={"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]})
+    assert "missing property 'whenUnsatisfiable'" in err
 
 
 def test_adapters_from_a_pvc_are_mounted_read_only() -> None:
@@ -344,11 +445,15 @@ def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
     `vllm serve` parser, its validation, EngineArgs and LoRAConfig (as at start-up)."""
     import sys
 
+    # a folder name with a comma and an equals sign: vLLM's short form name=path cannot carry it
+    odd = {"adapters.promoted": [{"name": "odd", "path": "team,a/v=2"}]}
     arg_lists = [container(render(files), "vllm")["args"] for files in ([], [full_values])]
+    arg_lists.append(container(render(set_json=odd), "vllm")["args"])
     proc = subprocess.run([sys.executable, "-c", _VLLM_PARSE], input=json.dumps(arg_lists), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    default, full = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
+    default, full, comma = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
+    assert comma["modules"] == [["odd", "/adapters/team,a/v=2"]]
     assert default == {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_model_len": 32768, "chunked": True,
                        "batched": 8192, "gpu_mem": 0.9, "tp": 1, "lora": True, "max_loras": 4, "rank": 64,
                        "cpu_loras": 8, "modules": []}
@@ -470,9 +575,13 @@ def test_probes_fit_slow_model_loads() -> None:
     assert proxy["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert proxy["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for kind in ("startupProbe", "livenessProbe"):
         command = vllm[kind]["exec"]["command"]
         assert command[0] == "python3" and command[3] == f"http://127.0.0.1:{settings.VLLM_PORT}/health"
+    # readiness differs from liveness: the OpenAI server lists the served model
+    ready = vllm["readinessProbe"]["exec"]["command"]
+    assert ready[3] == f"http://127.0.0.1:{settings.VLLM_PORT}/v1/models" and ready[5] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert ready != vllm["livenessProbe"]["exec"]["command"]
     startup = vllm["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60, "a model download and load needs minutes"
     liveness = vllm["livenessProbe"]
@@ -481,13 +590,15 @@ def test_probes_fit_slow_model_loads() -> None:
 
 
 def test_vllm_probe_command_fails_when_nothing_answers() -> None:
-    """The exec probe is a real check: it exits non-zero when /health does not answer 200."""
+    """The exec probes are real checks: they exit non-zero when nothing answers."""
     import sys
 
-    command = container(render(sets={"vllm.port": 9}), "vllm")["livenessProbe"]["exec"]["command"]
-    assert command[3] == "http://127.0.0.1:9/health"
-    proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
-    assert proc.returncode != 0
+    vllm = container(render(sets={"vllm.port": 9}), "vllm")
+    for kind, path in (("livenessProbe", "/health"), ("readinessProbe", "/v1/models")):
+        command = vllm[kind]["exec"]["command"]
+        assert command[3] == f"http://127.0.0.1:9{path}"
+        proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
+        assert proc.returncode != 0, kind
 
 
 # --------------------------------------------------------------------------- resources and security
@@ -729,7 +840,7 @@ def test_chart_readme_helm_commands_render(tmp_path: Path) -> None:
         argv = [str(CHART) if a == "charts/loragate" else str(promoted) if a == ".loragate/promoted/values.yaml"
                 else str(tmp_path / a) if a == "my-values.yaml" else a for a in argv]
         docs = [d for d in yaml.safe_load_all(helm("template", *argv[2:]).stdout) if d]
-        assert flag_values(container(docs, "vllm")["args"], "--lora-modules") == ["poster-good=/adapters/poster-good"]
+        assert lora_modules(container(docs, "vllm")["args"]) == [("poster-good", "/adapters/poster-good")]
         if argv[1] == "install":
             assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(docs))
             assert container(docs, "proxy")["image"] == "registry.example.com/loragate:0.1.0"

@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from chart_tools import CPU_VALUES, container, flag_values, one, render
+from chart_tools import CPU_VALUES, container, flag_values, lora_modules, one, render
 
 from loragate.core import settings
 from loragate.stack import free_port, log_tail
@@ -279,13 +279,16 @@ def test_every_rendered_probe_answers(local_release: LocalRelease) -> None:
     r = local_release
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = r.vllm[kind]["exec"]["command"]
-        assert probe[3].endswith("/health")
+        assert probe[3].endswith("/v1/models" if kind == "readinessProbe" else "/health")
         proc = subprocess.run(r.local_exec(probe), capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, f"vLLM {kind} failed: {proc.stderr}"
         url = r.http_probe_url(r.proxy[kind])
         resp = httpx.get(url, timeout=5.0)
         assert resp.status_code == 200, f"proxy {kind} {url}: {resp.status_code} {resp.text[:200]}"
     assert {r.proxy[k]["httpGet"]["path"] for k in ("livenessProbe", "readinessProbe")} == {"/health", "/ready"}
+    # vLLM's readiness needs the served model listed: another name fails against the same engine
+    ready = r.local_exec(r.vllm["readinessProbe"]["exec"]["command"])
+    assert subprocess.run([*ready[:-1], "not-served"], capture_output=True, timeout=30).returncode == 1
 
 
 def test_vllm_took_the_rendered_arguments(local_release: LocalRelease) -> None:
@@ -296,8 +299,9 @@ def test_vllm_took_the_rendered_arguments(local_release: LocalRelease) -> None:
     base = flag_values(args, "--served-model-name")[0]
     assert base == settings.DEMO_BASE_MODEL_NAME and base in models
     assert models[base]["max_model_len"] == int(flag_values(args, "--max-model-len")[0])
-    served = [m.split("=", 1)[0] for m in flag_values(args, "--lora-modules")]
+    served = [name for name, _ in lora_modules(args)]
     assert served == [GOOD, RUNAWAY, CHAT] and set(served) <= set(models)
+    assert {name: models[name]["root"] for name in served} == dict(lora_modules(args))
     env = local_release.env["vllm"]
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["HF_HUB_OFFLINE"] == "1"
 

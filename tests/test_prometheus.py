@@ -50,6 +50,36 @@ def test_alert_bars_are_the_gates_thresholds():
         assert found and float(found.group(1)) == bar, f"{alert} fires below {found and found.group(1)}, gate bar {bar}"
 
 
+def test_recording_rules_are_what_their_names_and_comments_say():
+    """Prometheus's naming convention (level:metric:operations): a ``ratio`` record divides one
+    rate by another, a ``:rate5m`` record is a rate alone, and the comment above a rate does not
+    call it a ratio."""
+    lines = RULES.read_text().splitlines()
+    rules = {r["record"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"] if "record" in r}
+    assert rules
+    for i, line in enumerate(lines):
+        found = re.match(r"\s*- record: (\S+)", line)
+        if not found:
+            continue
+        record = found.group(1)
+        comment = []
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            comment.insert(0, lines[j].strip("# ").lower())
+            j -= 1
+        comment_text = " ".join(comment)
+        assert comment_text, f"{record} has no comment"
+        if ":ratio_" in record:
+            assert "/" in rules[record], f"{record} is named a ratio but divides nothing"
+            assert "share" in comment_text or "ratio" in comment_text, record
+        else:
+            assert record.endswith(":rate5m") and "/" not in rules[record], record
+            assert "per second" in comment_text, f"the comment of {record} does not say it is a rate"
+            assert "ratio:" not in comment_text and not comment_text.startswith(("ratio", "share")), \
+                f"the comment of {record} calls a rate a ratio: {comment_text}"
+
+
 @pytest.mark.stack
 def test_live_metrics_pass_promtool_check_metrics(own_proxy):
     httpx.post(f"{own_proxy.url}/v1/completions", timeout=120,

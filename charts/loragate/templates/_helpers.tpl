@@ -198,9 +198,11 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 - {{ .Values.lora.maxCpuLoras | quote }}
 {{- end }}
 {{- with .Values.adapters.promoted }}
+{{- /* JSON, not name=path: vLLM reads an item holding a comma as JSON, so a folder name with a
+comma would break the short form. */}}
 - --lora-modules
 {{- range . }}
-- {{ printf "%s=%s/%s" .name (trimSuffix "/" $.Values.adapters.mountPath) .path | quote }}
+- {{ dict "name" .name "path" (printf "%s/%s" (trimSuffix "/" $.Values.adapters.mountPath) .path) | toJson | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -210,15 +212,23 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- end }}
 
-{{/* An exec probe of vLLM's /health on 127.0.0.1 (the kubelet cannot reach that address). */}}
+{{/* An exec probe of vLLM on 127.0.0.1 (the kubelet cannot reach that address): /health
+answers 200, or with "served" /v1/models lists the served model name. */}}
 {{- define "loragate.vllmProbeExec" -}}
 exec:
   command:
     - python3
     - -c
+    {{- if .served }}
+    - "import json, sys, urllib.request; models = json.load(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))); sys.exit(0 if sys.argv[3] in [m.get('id') for m in models.get('data', [])] else 1)"
+    - {{ printf "http://127.0.0.1:%d/v1/models" (int .root.Values.vllm.port) | quote }}
+    - {{ .probe.timeoutSeconds | quote }}
+    - {{ include "loragate.servedModelName" .root | quote }}
+    {{- else }}
     - "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
     - {{ printf "http://127.0.0.1:%d/health" (int .root.Values.vllm.port) | quote }}
     - {{ .probe.timeoutSeconds | quote }}
+    {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
