@@ -434,7 +434,7 @@ for args in json.load(sys.stdin):
     out.append({"model": ns.model_tag, "max_model_len": ea.max_model_len, "chunked": ea.enable_chunked_prefill,
                 "batched": ea.max_num_batched_tokens, "gpu_mem": ea.gpu_memory_utilization,
                 "tp": ea.tensor_parallel_size, "lora": ea.enable_lora, "max_loras": ea.max_loras,
-                "rank": ea.max_lora_rank, "cpu_loras": ea.max_cpu_loras,
+                "rank": ea.max_lora_rank, "cpu_loras": ea.max_cpu_loras, "shutdown_timeout": ea.shutdown_timeout,
                 "modules": [[m.name, m.path] for m in (ns.lora_modules or [])]})
 print("RESULT" + json.dumps(out))
 """
@@ -456,7 +456,7 @@ def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
     assert comma["modules"] == [["odd", "/adapters/team,a/v=2"]]
     assert default == {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_model_len": 32768, "chunked": True,
                        "batched": 8192, "gpu_mem": 0.9, "tp": 1, "lora": True, "max_loras": 4, "rank": 64,
-                       "cpu_loras": 8, "modules": []}
+                       "cpu_loras": 8, "shutdown_timeout": 100, "modules": []}
     assert full["modules"] == [["support-triage", "/adapters/support-triage"], ["summarizer", "/adapters/team-a/summarizer"]]
 
 
@@ -599,6 +599,47 @@ def test_vllm_probe_command_fails_when_nothing_answers() -> None:
         assert command[3] == f"http://127.0.0.1:9{path}"
         proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
         assert proc.returncode != 0, kind
+
+
+# --------------------------------------------------------------------------- stopping a pod
+
+
+def test_a_stopping_pod_drains_within_its_grace_period() -> None:
+    """preStop sleeps in both containers, then vLLM drains (--shutdown-timeout) and the proxy
+    outlives it (LORAGATE_PROXY_DRAIN_TIMEOUT_S), all within terminationGracePeriodSeconds."""
+    docs = render()
+    spec = pod_spec(docs)
+    vllm, proxy = container(docs, "vllm"), container(docs, "proxy")
+    assert spec["terminationGracePeriodSeconds"] == 120
+    for c in (vllm, proxy):
+        assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "10"]}}}, c["name"]
+    assert flag_values(vllm["args"], "--shutdown-timeout") == ["100"]
+    assert env_of(proxy)["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "105"
+    # the defaults follow the grace period
+    longer = render(sets={"terminationGracePeriodSeconds": 600, "drain.preStopSleepSeconds": 20})
+    assert flag_values(container(longer, "vllm")["args"], "--shutdown-timeout") == ["570"]
+    assert env_of(container(longer, "proxy"))["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "575"
+    explicit = render(sets={"vllm.shutdownTimeoutSeconds": 30, "proxy.drainTimeoutSeconds": 40, "drain.preStopSleepSeconds": 0})
+    assert flag_values(container(explicit, "vllm")["args"], "--shutdown-timeout") == ["30"]
+    assert env_of(container(explicit, "proxy"))["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "40"
+    assert "lifecycle" not in container(explicit, "vllm") and "lifecycle" not in container(explicit, "proxy")
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"terminationGracePeriodSeconds": 15}, "leaves no time for vLLM to drain"),
+    ({"vllm.shutdownTimeoutSeconds": 60, "proxy.drainTimeoutSeconds": 50}, "is shorter than vllm.shutdownTimeoutSeconds"),
+    ({"proxy.drainTimeoutSeconds": 115}, "exceed terminationGracePeriodSeconds"),
+])
+def test_drain_times_that_cannot_work_are_refused(sets: dict[str, Any], message: str) -> None:
+    assert message in render_error(sets=sets)
+
+
+def test_rolling_update_needs_no_spare_gpu() -> None:
+    """The default replaces one pod at a time without a spare GPU, never all replicas at once."""
+    strategy = one(render(), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    err = render_error(set_json={"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurgeX": 1}}})
+    assert "additional properties 'maxSurgeX' not allowed" in err
 
 
 # --------------------------------------------------------------------------- resources and security

@@ -40,6 +40,8 @@ BAD_REQUEST_REASONS = (
     "invalid_target", "invalid_field", "not_served", "method_not_allowed",
     # refused by the server before the app sees the request (loragate.server.serving)
     "invalid_http", "head_timeout", "headers_too_large", "connection_limit",
+    # a request that came while the server drained before stopping (loragate.server.drain)
+    "draining",
 )
 
 

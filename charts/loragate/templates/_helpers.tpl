@@ -107,6 +107,26 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- end }}
 
+{{/* Seconds vLLM drains after SIGTERM (--shutdown-timeout): the value, or the grace period less
+the preStop sleep less 10 s. */}}
+{{- define "loragate.vllmShutdownTimeout" -}}
+{{- if kindIs "invalid" .Values.vllm.shutdownTimeoutSeconds }}
+{{- sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.drain.preStopSleepSeconds)) 10 }}
+{{- else }}
+{{- int .Values.vllm.shutdownTimeoutSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the proxy drains after SIGTERM: the value, or the grace period less the preStop sleep
+less 5 s (it outlives the engine's drain, so it relays the last answers). */}}
+{{- define "loragate.proxyDrainTimeout" -}}
+{{- if kindIs "invalid" .Values.proxy.drainTimeoutSeconds }}
+{{- sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.drain.preStopSleepSeconds)) 5 }}
+{{- else }}
+{{- .Values.proxy.drainTimeoutSeconds }}
+{{- end }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express; each fails with what to change. */}}
 {{- define "loragate.validate" -}}
 {{- $names := dict }}
@@ -132,6 +152,19 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- if eq (int .Values.vllm.port) (int .Values.proxy.port) }}
 {{- fail (printf "vllm.port and proxy.port are both %d; they share the pod's network" (int .Values.proxy.port)) }}
+{{- end }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- $sleep := int .Values.drain.preStopSleepSeconds }}
+{{- $engineDrain := int (include "loragate.vllmShutdownTimeout" .) }}
+{{- $proxyDrain := float64 (include "loragate.proxyDrainTimeout" .) }}
+{{- if lt $engineDrain 1 }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time for vLLM to drain after the %d s preStop sleep (vllm.shutdownTimeoutSeconds would be %d; 0 aborts requests in flight): raise it, or set vllm.shutdownTimeoutSeconds and proxy.drainTimeoutSeconds" $grace $sleep $engineDrain) }}
+{{- end }}
+{{- if lt $proxyDrain (float64 $engineDrain) }}
+{{- fail (printf "proxy.drainTimeoutSeconds (%v) is shorter than vllm.shutdownTimeoutSeconds (%d): the proxy would stop before the engine's last answers" $proxyDrain $engineDrain) }}
+{{- end }}
+{{- if gt (addf $proxyDrain $sleep) (float64 $grace) }}
+{{- fail (printf "drain.preStopSleepSeconds (%d) + proxy.drainTimeoutSeconds (%v) exceed terminationGracePeriodSeconds (%d): the pod would be killed mid-drain" $sleep $proxyDrain $grace) }}
 {{- end }}
 {{- $gpus := dig "limits" "nvidia.com/gpu" nil .Values.vllm.resources }}
 {{- if and $gpus .Values.vllm.tensorParallelSize }}
@@ -187,6 +220,8 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- if kindIs "bool" $v.enablePrefixCaching }}
 - {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" $v.enablePrefixCaching }}
 {{- end }}
+- --shutdown-timeout
+- {{ include "loragate.vllmShutdownTimeout" . | quote }}
 {{- if .Values.lora.enabled }}
 - --enable-lora
 - --max-loras
@@ -234,6 +269,16 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 
+{{/* The preStop hook of both containers: sleep while the pod leaves the Service's endpoints. */}}
+{{- define "loragate.preStop" -}}
+{{- if .Values.drain.preStopSleepSeconds }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ .Values.drain.preStopSleepSeconds | quote }}]
+{{- end }}
+{{- end }}
+
 {{/* The proxy's environment: keys from the Secret, and settings. */}}
 {{- define "loragate.proxyEnv" -}}
 - name: LORAGATE_PROXY_PUBLIC_METRICS
@@ -250,6 +295,8 @@ failureThreshold: {{ .probe.failureThreshold }}
   value: {{ .Values.proxy.limits.maxHeaders | int64 | quote }}
 - name: LORAGATE_PROXY_MAX_CONNECTIONS
   value: {{ .Values.proxy.limits.maxConnections | int64 | quote }}
+- name: LORAGATE_PROXY_DRAIN_TIMEOUT_S
+  value: {{ include "loragate.proxyDrainTimeout" . | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .Values.proxy.auth.existingSecret }}

@@ -17,7 +17,11 @@ with the one shared :func:`~loragate.core.judging.judge_completion`, and counted
 unjudged generations.
 
 Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
-``/ready`` (readiness: the upstream's ``/health`` answers), ``/metrics`` (Prometheus).
+``/ready`` (readiness: the upstream's ``/health`` answers, and every check in
+:attr:`ProxyApp.readiness_checks` passes), ``/metrics`` (Prometheus), and those of
+:attr:`ProxyApp.own_routes`.
+While the server drains (:mod:`loragate.server.drain`), ``/ready`` answers 503 and every
+request to the engine gets a 503 with ``Connection: close``.
 
 Access: with API keys configured, every other route needs one (``Authorization: Bearer``);
 admin routes (:class:`~loragate.server.routes.Kind` ``admin``) need the admin key, and a load
@@ -86,6 +90,8 @@ access_log = logging.getLogger("loragate.proxy.requests")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+#: An own endpoint besides /health, /ready and /metrics: called with the request's scope and send.
+OwnRoute = Callable[[Scope, Send], Awaitable[None]]
 
 def invocation_endpoint(body: bytes) -> str:
     """The endpoint label of an ``/invocations`` request: ``chat_completions`` when its body
@@ -228,6 +234,14 @@ class ProxyApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Engine routes (``"METHOD path"``) the proxy refuses for want of a classification.
         self.unclassified_routes: list[str] | None = None
+        #: Own endpoints by route, answered before anything is forwarded (same access as /metrics).
+        self.own_routes: dict[str, OwnRoute] = {}
+        #: More conditions of /ready: each returns (ready, why not).
+        self.readiness_checks: list[Callable[[], tuple[bool, str]]] = []
+        #: Set when the server drains (loragate.server.drain): new engine requests get 503.
+        self.draining = False
+        #: Requests refused while draining.
+        self.drain_refused = 0
 
     def _upstream_client(self) -> Upstream:
         """The engine client, which :meth:`startup` makes before the app serves anything."""
@@ -315,6 +329,13 @@ class ProxyApp:
                 await self._refuse(send, 401, "unauthorized", "a valid API key is required")
                 return
             await self._respond(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+        elif route in self.own_routes:
+            if not self.config.public_metrics and not self._authorised(scope, self._api_keys):
+                await self._refuse(send, 401, "unauthorized", "a valid API key is required")
+                return
+            await self.own_routes[route](scope, send)
+        elif self.draining:
+            await self._refuse_draining(send)
         else:
             await self._proxy(scope, receive, send, target)
 
@@ -380,9 +401,28 @@ class ProxyApp:
         return ok
 
     async def _ready(self, send: Send) -> None:
+        if self.draining:
+            await self._respond(send, 503, b'{"status":"draining"}')
+            return
         ok = await self._upstream_client().healthy(timeout_s=2.0)
-        await self._respond(send, 200 if ok else 503,
-                            b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
+        if not ok:
+            await self._respond(send, 503, b'{"status":"upstream not ready"}')
+            return
+        for check in self.readiness_checks:
+            ready, why = check()
+            if not ready:
+                await self._respond(send, 503, json.dumps({"status": why}).encode())
+                return
+        await self._respond(send, 200, b'{"status":"ready"}')
+
+    async def _refuse_draining(self, send: Send) -> None:
+        """A request that came after the drain began: 503, and the client should go elsewhere."""
+        self.drain_refused += 1
+        self.metrics.bad_requests.labels("draining").inc()
+        self.metrics.requests.labels("other", "5xx").inc()
+        await self._respond(send, 503, openai_error(
+            "this server is shutting down; send the request again (another replica takes it)",
+            "service_unavailable", 503), headers=[(b"connection", b"close"), (b"retry-after", b"1")])
 
     async def _read_body_in_time(self, receive: Receive) -> bytes:
         """The request body, or :class:`_SlowBody` when it has not all come within

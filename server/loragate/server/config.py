@@ -25,6 +25,11 @@ field                         environment variable            meaning (default)
                                                               those endpoints are refused
 ``public_metrics``            ``LORAGATE_PROXY_PUBLIC_METRICS`` /metrics without a key (true)
 ``log_requests``              ``LORAGATE_PROXY_LOG_REQUESTS`` one JSON log line per request (true)
+``drain_timeout_s``           ``LORAGATE_PROXY_DRAIN_TIMEOUT_S`` after SIGTERM, seconds the requests in flight
+                                                              may take to finish while new ones get 503
+                                                              (25: Kubernetes' default grace period of 30 s
+                                                              less a margin; the chart derives it from the
+                                                              pod's terminationGracePeriodSeconds)
 ============================  ==============================  ===============================================
 
 ``/health`` (liveness) and ``/ready`` (readiness: the upstream answers) never need a key. Keys
@@ -72,6 +77,7 @@ class ProxyConfig:
     admin_key: str = field(default="", repr=False)
     public_metrics: bool = True
     log_requests: bool = True
+    drain_timeout_s: float = 25.0
 
     def server_limits(self) -> "ServerLimits":
         """The serving layer's limits (:class:`loragate.server.serving.ServerLimits`) from these settings."""
@@ -109,7 +115,8 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
 _TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
           "body_timeout_s": float, "upstream_timeout_s": float,
           "head_timeout_s": float, "max_head_bytes": int, "max_headers": int, "max_connections": int, "api_keys": tuple, "admin_key": str,
-          "public_metrics": bool, "log_requests": bool}
+          "public_metrics": bool, "log_requests": bool,
+          "drain_timeout_s": float}
 
 
 def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -144,4 +151,6 @@ def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, st
         raise ConfigError("max_head_bytes must be at least 1024, max_headers at least 8, max_connections at least 1")
     if config.head_timeout_s <= 0 or config.body_timeout_s <= 0 or config.upstream_timeout_s <= 0:
         raise ConfigError("timeouts must be positive")
+    if config.drain_timeout_s < 0:
+        raise ConfigError("drain_timeout_s must be 0 or more")
     return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))
