@@ -52,7 +52,8 @@ RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
 #: restricted NetworkPolicy, a PVC model cache, runtime LoRA updating.
 FULL_VALUES: dict[str, Any] = {
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
-                   "prometheusRule": {"enabled": True}},
+                   "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+    "autoscaling": {"enabled": True, "keda": {"serverAddress": "http://prometheus-operated.monitoring.svc:9090"}},
     "adapters": {
         "source": "objectStorage",
         "objectStorage": {"uri": "s3://models/adapters", "endpointUrl": "https://minio.example:9000",
@@ -110,7 +111,8 @@ def _validation_version() -> str:
     return version
 
 
-MONITORING_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+MONITORING_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                    ("keda.sh/v1alpha1", "ScaledObject")}
 
 
 @pytest.mark.parametrize("profile", ["gpu-default", "cpu", "gpu-full"])
@@ -123,7 +125,7 @@ def test_manifests_validate_strictly(profiles: dict[str, list[Path]], profile: s
     for doc in docs:
         key = (doc["apiVersion"], doc["kind"])
         if key in MONITORING_KINDS:
-            continue  # no schema in kubernetes-validate: test_monitoring_* check them
+            continue  # no schema in kubernetes-validate: test_service_monitor_*, test_prometheus_rule_*, test_keda_* check them
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -702,20 +704,105 @@ def test_pod_disruption_budget_selects_the_engine() -> None:
 
 
 def test_monitoring_off_by_default() -> None:
-    assert not {"ServiceMonitor", "PrometheusRule"} & set(kinds(render()))
+    assert not {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HorizontalPodAutoscaler"} & set(kinds(render()))
 
 
-def test_service_monitor_scrapes_the_proxy_metrics(full_values: Path) -> None:
+def test_service_monitor_scrapes_the_proxy_and_the_engine_metrics(full_values: Path) -> None:
+    from loragate.server.engine_metrics import ROUTE
+
     docs = render([full_values])
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
-    [endpoint] = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
-    assert endpoint["port"] in [p["name"] for p in one(docs, "Service")["spec"]["ports"]]
+    proxy, engine = monitor["spec"]["endpoints"]
+    assert proxy["path"] == "/metrics" and engine["path"] == ROUTE == "/metrics/engine"
+    for endpoint, target in ((proxy, "proxy"), (engine, "engine")):
+        assert endpoint["port"] == "http"
+        assert endpoint["port"] in [p["name"] for p in one(docs, "Service")["spec"]["ports"]]
+        assert set(endpoint) == {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+        # the label the availability alerts and the autoscaler's query read
+        assert endpoint["relabelings"] == [{"targetLabel": "loragate_target", "replacement": target}]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service")["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert set(monitor["spec"]) == {"selector", "namespaceSelector", "endpoints"}
-    assert set(endpoint) == {"port", "path", "interval", "scrapeTimeout"}
+    alone = one(render([full_values], sets={"monitoring.serviceMonitor.engineMetrics": False,
+                                            "autoscaling.enabled": False}), "ServiceMonitor")
+    assert [e["path"] for e in alone["spec"]["endpoints"]] == ["/metrics"]
+    rules = load_yaml(RULES_FILE)
+    labels = {v for g in rules["groups"] for r in g["rules"] for v in re.findall(r'loragate_target="(\w+)"', r["expr"])}
+    assert labels == {"proxy", "engine"}
+
+
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
+
+
+def test_grafana_dashboard_configmap_carries_the_dashboard_for_the_sidecar(full_values: Path) -> None:
+    docs = render([full_values])
+    config_map = one(docs, "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["loragate.json"]) == json.loads(DASHBOARD.read_text())
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-dashboard")]
+    folder = render(set_json={"monitoring.grafanaDashboard": {"enabled": True, "labels": {"dash": "yes"},
+                                                              "annotations": {"grafana_folder": "LLM"}}})
+    config_map = one(folder, "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["dash"] == "yes"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+
+
+def test_dashboard_reads_only_metrics_that_exist() -> None:
+    """Every loragate_* name a panel reads is defined in loragate/core/metric_names.py, every
+    vllm:* name is one vLLM 0.32 registers, every panel has a query and a description."""
+    from loragate.core import metric_names
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    ours = {getattr(metric_names, n) for n in dir(metric_names) if isinstance(getattr(metric_names, n), str)
+            and getattr(metric_names, n).startswith("loragate_")}
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    vllm_source = "\n".join(p.read_text() for p in (Path(__import__("vllm").__file__).parent / "v1" / "metrics").glob("*.py"))
+    for panel in panels:
+        assert panel["description"] and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(loragate_[a-z_]+|vllm:[a-z_]+)", target["expr"]):
+                base = next((name[: -len(s)] for s in suffixes if name.endswith(s) and name[: -len(s)] in ours), name)
+                if name.startswith("loragate_"):
+                    assert base in ours or name == "loragate_target", (panel["title"], name)
+                else:
+                    stem = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+                    assert f'"{stem}"' in vllm_source or f'"{name}"' in vllm_source, (panel["title"], name)
+
+
+def test_keda_scales_on_the_engines_waiting_requests(full_values: Path) -> None:
+    docs = render([full_values])
+    scaled = one(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{RELEASE}-loragate"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 4)
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prometheus-operated.monitoring.svc:9090", "threshold": "4",
+        "query": f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",service="{RELEASE}-loragate",loragate_target="engine"}})'}
+    # the autoscaler owns the replicas: helm upgrade must not reset them
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert one(render(), "Deployment")["spec"]["replicas"] == 1
+    assert "autoscaling.keda.serverAddress" in render_error(sets={"autoscaling.enabled": True})
+    err = render_error(sets={"autoscaling.enabled": True, "autoscaling.keda.serverAddress": "http://p:9090"})
+    assert "set monitoring.serviceMonitor.enabled" in err
+
+
+def test_hpa_scales_on_a_pods_metric_and_validates() -> None:
+    import kubernetes_validate
+
+    docs = render(set_json={"autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3, "targetWaitingRequests": 2}})
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, _validation_version(), strict=True)
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "vllm_num_requests_waiting"},
+                                                                "target": {"type": "AverageValue", "averageValue": "2"}}}]
+    assert hpa["spec"]["behavior"]["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+    assert "below autoscaling.minReplicas" in render_error(set_json={"autoscaling": {
+        "enabled": True, "kind": "hpa", "minReplicas": 3, "maxReplicas": 2}})
 
 
 def test_prometheus_rule_ships_the_rules_file_and_promtool_accepts_it(full_values: Path, tmp_path: Path) -> None:

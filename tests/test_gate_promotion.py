@@ -19,7 +19,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from chart_tools import CHART, CPU_VALUES, helm
+from chart_tools import CHART, CPU_VALUES, container, helm, lora_modules
 
 from loragate.acceptance.promotion import PromotionError, promote, read_promoted
 from loragate.core.contracts import load_contracts
@@ -68,8 +68,9 @@ def test_promotion_writes_a_record_and_the_chart_values(tmp_path: Path) -> None:
     jsonschema.validate(values["adapters"]["promoted"], schema["properties"]["adapters"]["properties"]["promoted"])
     # ... and `helm upgrade -f` with it serves exactly the promoted set.
     rendered = helm("template", "lg", str(CHART), "-f", str(CPU_VALUES), "-f", str(done.values_path)).stdout
-    assert '"poster-a=/adapters/poster-a"' in rendered and '"poster-b=/adapters/poster-b"' in rendered
-    assert "poster-good=" not in rendered  # the CPU profile's own list is replaced
+    vllm = container([d for d in yaml.safe_load_all(rendered) if d], "vllm")
+    assert lora_modules(vllm["args"]) == [("poster-a", "/adapters/poster-a"), ("poster-b", "/adapters/poster-b")]
+    assert "poster-good" not in rendered  # the CPU profile's own list is replaced
     assert set(read_promoted(folder)) == {"poster-a", "poster-b"}
 
 

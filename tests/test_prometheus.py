@@ -14,15 +14,18 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import heldout, start_proxy
+from conftest import heldout, start_proxy, wait_for
 
 from loragate.core.contracts import Thresholds, load_contracts
 from loragate.core.judging import judge_completion
+from loragate.server.engine_metrics import ROUTE as ENGINE_ROUTE
+from loragate.server.metrics import OTHER_ADAPTER
 from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "charts" / "loragate" / "files" / "prometheus-rules.yaml"
 RULE_TESTS = ROOT / "tests" / "promtool" / "rules_test.yaml"
+DASHBOARD = ROOT / "charts" / "loragate" / "files" / "grafana-dashboard.json"
 
 
 def tool(name: str) -> str:
@@ -103,14 +106,20 @@ def scraped_proxy(stack, tmp_path):
 
 @pytest.fixture
 def prometheus(scraped_proxy, tmp_path):
-    """A real Prometheus server scraping ``scraped_proxy`` every second, with the chart's rules loaded."""
+    """A real Prometheus server scraping ``scraped_proxy`` every second, with the chart's rules
+    loaded: its /metrics and the engine's metrics it relays at /metrics/engine, labelled
+    loragate_target as the chart's ServiceMonitor labels them."""
     port = free_port()
     target = scraped_proxy.url.removeprefix("http://")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "loragate-proxy", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "loragate-proxy", "static_configs": [{"targets": [target], "labels": {"loragate_target": "proxy"}}]},
+            {"job_name": "loragate-engine", "metrics_path": ENGINE_ROUTE,
+             "static_configs": [{"targets": [target], "labels": {"loragate_target": "engine"}}]},
+        ],
     }))
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen([tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -145,16 +154,23 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     prompts = heldout(stack, 4, offset=20)
     counts: dict[str, list[int]] = {}
     validity: dict[str, list[int]] = {}
-    before = scraped_proxy.scrape()
+    # every contract's series exist from the start, at 0, and those of every name the engine
+    # serves (its base model; the demo serves no adapter outside the contracts) and __other__
+    served = {*contracts.names, stack.base_model, OTHER_ADAPTER}
+
+    def adapters_of(samples: dict, name: str) -> set[str]:
+        return {dict(labels)["adapter"] for (n, labels) in samples if n == name}
+
+    before = wait_for(lambda: (s := scraped_proxy.scrape()) and adapters_of(s, "loragate_completions_total") == served
+                      and s, 30) or scraped_proxy.scrape()
     completions = {labels: v for (n, labels), v in before.items() if n == "loragate_completions_total"}
     assert not any(completions.values()), "scraped_proxy must start at zero"
-    # every contract's series exist from the start, at 0
-    assert {dict(labels)["adapter"] for labels in completions} == set(contracts.names)
+    assert adapters_of(before, "loragate_completions_total") == served
     # ... among them those the alerts read on a first event (increase() needs the 0 before it)
     for name in ("loragate_json_constrained_outputs_total", "loragate_upstream_errors_total",
                  "loragate_client_disconnects_total"):
         series = {labels: v for (n, labels), v in before.items() if n == name}
-        assert {dict(labels)["adapter"] for labels in series} == set(contracts.names), name
+        assert adapters_of(before, name) == served, name
         assert not any(series.values()), name
     for adapter, max_tokens in (("poster-good", 160), ("poster-eos-masked", 24), ("poster-truncated", 48)):
         for prompt in prompts:
@@ -175,7 +191,7 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
                      ' / sum by (adapter) (loragate_json_outputs_total)')
     total = 'sum by (adapter) (loragate_completions_total)'
     # the adapters not asked keep their series, at 0 (their rates are 0/0: no value)
-    expected_total = {**{a: 0.0 for a in contracts.names}, **{a: float(len(prompts)) for a in expected_stop}}
+    expected_total = {**{a: 0.0 for a in served}, **{a: float(len(prompts)) for a in expected_stop}}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if _query(prometheus, total) == expected_total:
@@ -190,5 +206,53 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     assert asked(_query(prometheus, json_validity)) == expected_valid
 
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts"}
+    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts", "loragate.availability"}
     assert all(r["health"] in ("ok", "unknown") for g in rules for r in g["rules"])
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel of the chart's dashboard, its variables filled as
+    Grafana fills them with "All" adapters selected and a 1-minute rate interval."""
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"].replace("$adapter", ".*").replace("$__rate_interval", "1m"))
+            for panel in dashboard["panels"] if panel["type"] != "row" for target in panel["targets"]]
+
+
+@pytest.mark.stack
+def test_every_dashboard_panel_evaluates_against_prometheus_scraping_proxy_and_engine(
+        stack, scraped_proxy, prometheus):
+    """Prometheus scrapes the proxy and the engine (through /metrics/engine); after some traffic
+    every query of every panel evaluates without error or warning, and every panel shows data.
+    The availability alerts stay quiet with both targets up."""
+    for prompt in heldout(stack, 3, offset=30):
+        with httpx.stream("POST", f"{scraped_proxy.url}/v1/completions", timeout=300, json={
+                "model": "poster-good", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}) as resp:
+            assert resp.status_code == 200
+            assert any(line == "data: [DONE]" for line in resp.iter_lines())
+
+    def up() -> dict[str, float]:
+        data = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
+        return {r["metric"]["loragate_target"]: float(r["value"][1]) for r in data}
+
+    assert wait_for(lambda: up() == {"proxy": 1.0, "engine": 1.0}, 30), up()
+    # both scraped after the traffic: the counts and the engine's token counters are in
+    assert wait_for(lambda: _query(prometheus, 'sum(loragate_time_to_first_token_seconds_count)').get("") == 3.0
+                    and _query(prometheus, 'sum(vllm:generation_tokens_total)').get("", 0) > 0, 30)
+    time.sleep(2)  # a few more scrapes, so rates over the last minute have two samples or more
+    empty = []
+    queries = _panel_queries()
+    assert len({title for title, _ in queries}) >= 15
+    for title, expr in queries:
+        answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert answer["status"] == "success", (title, expr, answer)
+        assert not answer.get("warnings"), (title, expr, answer["warnings"])
+        if not answer["data"]["result"]:
+            empty.append(title)
+    titles = {title for title, _ in queries}
+    shown = titles - set(empty)
+    assert shown == titles, f"panels without data: {sorted(titles - shown)}"
+    alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    assert not [a for a in alerts if a["labels"]["alertname"].startswith(("LoragateEngine", "LoragateProxy",
+                                                                          "LoragateScrape"))], alerts

@@ -22,6 +22,7 @@ UNJUDGED_GENERATIONS = "loragate_unjudged_generations"
 REJECTED_REQUESTS = "loragate_rejected_requests"
 CONNECTIONS_EVICTED = "loragate_connections_evicted"
 REQUESTS_IN_FLIGHT = "loragate_requests_in_flight"
+ENGINE_SCRAPE_ERRORS = "loragate_engine_scrape_errors"
 
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
@@ -31,6 +32,8 @@ ENDPOINTS = ("completions", "chat_completions", "responses", "messages", "models
 UNJUDGED_ENDPOINTS = ("responses", "messages")
 #: ``kind`` values of upstream errors.
 UPSTREAM_ERROR_KINDS = ("connect", "reset", "timeout", "status_5xx", "stream_broken", "invalid_response")
+#: ``kind`` values of failed relays of the engine's metrics (``/metrics/engine``).
+ENGINE_SCRAPE_ERROR_KINDS = ("connect", "reset", "timeout", "stream_broken", "status", "too_large", "other")
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",

@@ -127,6 +127,12 @@ less 5 s (it outlives the engine's drain, so it relays the last answers). */}}
 {{- end }}
 {{- end }}
 
+{{/* PromQL: vLLM's waiting requests over the release's engines (the ServiceMonitor's targets
+carry namespace, service and loragate_target). */}}
+{{- define "loragate.waitingRequestsQuery" -}}
+{{- printf "sum(vllm:num_requests_waiting{namespace=\"%s\",service=\"%s\",loragate_target=\"engine\"})" .Release.Namespace (include "loragate.fullname" .) }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express; each fails with what to change. */}}
 {{- define "loragate.validate" -}}
 {{- $names := dict }}

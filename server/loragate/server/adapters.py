@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from loragate.core.contracts import Contract, ContractSet
 from loragate.core.engine import parse_models
@@ -33,9 +33,13 @@ MAX_ENGINE_NAMES = 1000
 class AdapterNames:
     """Bounded adapter labels, contracts by name, and each served model's ``max_model_len``."""
 
-    def __init__(self, contracts: ContractSet | None, upstream: Upstream) -> None:
+    def __init__(self, contracts: ContractSet | None, upstream: Upstream,
+                 on_new_names: Callable[[Iterable[str]], None] | None = None) -> None:
         self.contracts = contracts
         self._upstream = upstream
+        #: Called with the names the engine lists that were not known before (their series are
+        #: created at 0, so a first error of an adapter loaded at run time is seen by increase()).
+        self._on_new_names = on_new_names
         self._static = set(contracts.names) | {contracts.base_model} if contracts else set()
         self._engine: set[str] = set()
         self.max_model_len: dict[str, int] = {}
@@ -94,7 +98,11 @@ class AdapterNames:
             limit = served.max_model_len(m.id)
             if limit:
                 self.max_model_len[m.id] = limit
-        self._engine = set(sorted(m.id for m in served.models)[:MAX_ENGINE_NAMES])
+        engine = set(sorted(m.id for m in served.models)[:MAX_ENGINE_NAMES])
+        new = engine - self._engine - self._static
+        self._engine = engine
+        if new and self._on_new_names is not None:
+            self._on_new_names(sorted(new))
 
     async def run_periodic(self) -> None:
         while True:

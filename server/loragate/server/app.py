@@ -19,7 +19,7 @@ unjudged generations.
 Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
 ``/ready`` (readiness: the upstream's ``/health`` answers, and every check in
 :attr:`ProxyApp.readiness_checks` passes), ``/metrics`` (Prometheus), and those of
-:attr:`ProxyApp.own_routes`.
+:attr:`ProxyApp.own_routes` (:mod:`loragate.server.engine_metrics`, :mod:`loragate.server.reconciler`).
 While the server drains (:mod:`loragate.server.drain`), ``/ready`` answers 503 and every
 request to the engine gets a 503 with ``Connection: close``.
 
@@ -68,9 +68,10 @@ from loragate.core.contracts import (
 )
 from loragate.core.judging import Judgement, judge_completion
 from loragate.core.sse import StreamTally
+from loragate.server import engine_metrics
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
-from loragate.server.metrics import ProxyMetrics
+from loragate.server.metrics import OTHER_ADAPTER, ProxyMetrics
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.target import RequestTarget, TargetError, parse_target
@@ -242,6 +243,13 @@ class ProxyApp:
         self.draining = False
         #: Requests refused while draining.
         self.drain_refused = 0
+        self.own_routes[engine_metrics.ROUTE] = engine_metrics.EngineMetricsRelay(
+            self._upstream_client, self.metrics.engine_scrape_errors)
+
+    def _init_adapters(self, names: Any) -> None:
+        for name in names:
+            contract = self._contracts[name] if self._contracts is not None and name in self._contracts else None
+            self.metrics.init_adapter(name, bool(contract and contract.expects_json))
 
     def _upstream_client(self) -> Upstream:
         """The engine client, which :meth:`startup` makes before the app serves anything."""
@@ -261,11 +269,15 @@ class ProxyApp:
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.upstream = Upstream(self.config.upstream, read_timeout_s=self.config.upstream_timeout_s)
-        self.names = AdapterNames(self._contracts, self.upstream)
+        self.names = AdapterNames(self._contracts, self.upstream, on_new_names=self._init_adapters)
         # Every contract's series exist from the start, at 0: a rule or dashboard sees an adapter
         # the proxy judges before its first request, and an alert on its rates can be evaluated.
+        # So do those of every name the engine serves (from its model list, as it changes) and of
+        # __other__: an upstream error is seen by increase() from the first one, whoever it hit.
         for contract in self._contracts or ():
             self.metrics.init_adapter(contract.name, contract.expects_json)
+        self._init_adapters([self._contracts.base_model] if self._contracts else [])
+        self._init_adapters([OTHER_ADAPTER])
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
         self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
         # What start-up built lives as long as the process: out of the collector's sight, an

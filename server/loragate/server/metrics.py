@@ -136,6 +136,13 @@ class ProxyMetrics:
         self.in_flight = _Gauge(
             names.REQUESTS_IN_FLIGHT, "Requests being handled by the proxy now, by endpoint.",
             ["endpoint"], registry=r)
+        self.engine_scrape_errors = _Counter(
+            names.ENGINE_SCRAPE_ERRORS,
+            "Scrapes of /metrics/engine the engine's /metrics could not answer, by kind: connect, reset, "
+            "timeout, stream_broken, status (not 200), too_large (over the relay's cap), other.",
+            ["kind"], registry=r)
+        for kind in names.ENGINE_SCRAPE_ERROR_KINDS:
+            self.engine_scrape_errors.labels(kind)
         for endpoint in ENDPOINTS:
             self.in_flight.labels(endpoint)
         for reason in BAD_REQUEST_REASONS:
