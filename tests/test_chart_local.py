@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from chart_tools import CPU_VALUES, flag_values, lora_modules, one, render
+from chart_tools import CPU_VALUES, flag_values, one, render
 from local_release import (
     SECRET,
     LocalRelease,
@@ -44,6 +44,7 @@ from local_release import (
 )
 
 from loragate.core import settings
+from loragate.core.promoted_set import parse
 
 GOOD, RUNAWAY, CHAT = "poster-good", "poster-eos-masked", "chat-good"
 
@@ -96,9 +97,13 @@ def test_vllm_took_the_rendered_arguments(local_release: LocalRelease) -> None:
     base = flag_values(args, "--served-model-name")[0]
     assert base == settings.DEMO_BASE_MODEL_NAME and base in models
     assert models[base]["max_model_len"] == int(flag_values(args, "--max-model-len")[0])
-    served = [name for name, _ in lora_modules(args)]
-    assert served == [GOOD, RUNAWAY, CHAT] and set(served) <= set(models)
-    assert {name: models[name]["root"] for name in served} == dict(lora_modules(args))
+    # the promoted set comes from its ConfigMap, loaded by the proxy's reconciler before /ready
+    assert "--lora-modules" not in args
+    promoted = parse(one(local_release.manifests, "ConfigMap", "-promoted")["data"]["promoted.json"].encode())
+    assert list(promoted.entries) == [GOOD, RUNAWAY, CHAT]
+    assert {name: models[name]["root"] for name in promoted.entries} == {n: e.path for n, e in promoted.entries.items()}
+    report = httpx.get(f"{local_release.proxy_url}/promoted", timeout=10).json()
+    assert report["applied_revision"] == promoted.revision and report["converged"] is True
     env = local_release.env["vllm"]
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["HF_HUB_OFFLINE"] == "1"
 

@@ -96,8 +96,14 @@ def test_live_metrics_pass_promtool_check_metrics(own_proxy):
 
 @pytest.fixture
 def scraped_proxy(stack, tmp_path):
-    """A proxy of its own (counters at zero) for the Prometheus test."""
-    proc = start_proxy(stack.vllm_url, tmp_path, contracts=stack.contracts_file)
+    """A proxy of its own (counters at zero) for the Prometheus test, reconciling a promoted set
+    of one adapter the stack's engine already serves from the same folder (adopted)."""
+    from loragate.core.promoted_set import render as render_set
+
+    contracts = load_contracts(stack.contracts_file)
+    promoted = tmp_path / "promoted.json"
+    promoted.write_bytes(render_set(str(contracts.adapters_dir), [("poster-good", "poster-good")]))
+    proc = start_proxy(stack.vllm_url, tmp_path, contracts=stack.contracts_file, config={"promoted_set": str(promoted)})
     try:
         yield proc
     finally:
@@ -206,7 +212,8 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     assert asked(_query(prometheus, json_validity)) == expected_valid
 
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts", "loragate.availability"}
+    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts", "loragate.availability",
+                                          "loragate.promoted"}
     assert all(r["health"] in ("ok", "unknown") for g in rules for r in g["rules"])
 
 
@@ -255,4 +262,7 @@ def test_every_dashboard_panel_evaluates_against_prometheus_scraping_proxy_and_e
     assert shown == titles, f"panels without data: {sorted(titles - shown)}"
     alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     assert not [a for a in alerts if a["labels"]["alertname"].startswith(("LoragateEngine", "LoragateProxy",
-                                                                          "LoragateScrape"))], alerts
+                                                                          "LoragateScrape", "LoragatePromoted"))], alerts
+    # the promoted set was adopted from what the engine serves, with no load call
+    states = _query(prometheus, 'loragate_promoted_adapter_state{state="loaded"} == 1')
+    assert states == {"poster-good": 1.0}

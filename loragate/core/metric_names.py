@@ -23,6 +23,10 @@ REJECTED_REQUESTS = "loragate_rejected_requests"
 CONNECTIONS_EVICTED = "loragate_connections_evicted"
 REQUESTS_IN_FLIGHT = "loragate_requests_in_flight"
 ENGINE_SCRAPE_ERRORS = "loragate_engine_scrape_errors"
+PROMOTED_SET_INFO = "loragate_promoted_set_info"
+PROMOTED_SET_CONVERGED = "loragate_promoted_set_converged"
+PROMOTED_ADAPTER_STATE = "loragate_promoted_adapter_state"
+PROMOTED_OPERATIONS = "loragate_promoted_operations"
 
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
@@ -34,6 +38,8 @@ UNJUDGED_ENDPOINTS = ("responses", "messages")
 UPSTREAM_ERROR_KINDS = ("connect", "reset", "timeout", "status_5xx", "stream_broken", "invalid_response")
 #: ``kind`` values of failed relays of the engine's metrics (``/metrics/engine``).
 ENGINE_SCRAPE_ERROR_KINDS = ("connect", "reset", "timeout", "stream_broken", "status", "too_large", "other")
+#: ``state`` values of an adapter of the promoted set (loragate.server.reconciler).
+PROMOTED_ADAPTER_STATES = ("pending", "loading", "loaded", "failed", "draining", "conflict", "invalid")
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
@@ -45,6 +51,8 @@ BAD_REQUEST_REASONS = (
     "invalid_http", "head_timeout", "headers_too_large", "connection_limit",
     # a request that came while the server drained before stopping (loragate.server.drain)
     "draining",
+    # a request for an adapter being removed from the promoted set (loragate.server.reconciler)
+    "adapter_retiring",
 )
 
 

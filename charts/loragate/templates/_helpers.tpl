@@ -133,6 +133,25 @@ carry namespace, service and loragate_target). */}}
 {{- printf "sum(vllm:num_requests_waiting{namespace=\"%s\",service=\"%s\",loragate_target=\"engine\"})" .Release.Namespace (include "loragate.fullname" .) }}
 {{- end }}
 
+{{/* "true" when the proxy reconciles the promoted set into the engine (else ""). */}}
+{{- define "loragate.reconciled" -}}
+{{- if and .Values.lora.enabled (eq .Values.adapters.delivery "reconciler") }}true{{ end }}
+{{- end }}
+
+{{/* Where the promoted-set ConfigMap is mounted in the proxy, and the file in it. */}}
+{{- define "loragate.promotedSetDir" -}}/etc/loragate/promoted{{- end }}
+{{- define "loragate.promotedSetFile" -}}{{ include "loragate.promotedSetDir" . }}/promoted.json{{- end }}
+
+{{/* The promoted-set file (loragate.core.promoted_set): adapter folders under the adapters
+mount. Helm's toJson sorts keys and is compact; its revision is sha256 of these bytes. */}}
+{{- define "loragate.promotedSetJson" -}}
+{{- $entries := list }}
+{{- range .Values.adapters.promoted }}
+{{- $entries = append $entries (dict "name" .name "path" (trimSuffix "/" .path)) }}
+{{- end }}
+{{- dict "base" (trimSuffix "/" .Values.adapters.mountPath) "adapters" $entries | toJson }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express; each fails with what to change. */}}
 {{- define "loragate.validate" -}}
 {{- $names := dict }}
@@ -238,12 +257,14 @@ carry namespace, service and loragate_target). */}}
 - --max-cpu-loras
 - {{ .Values.lora.maxCpuLoras | quote }}
 {{- end }}
+{{- if not (include "loragate.reconciled" .) }}
 {{- with .Values.adapters.promoted }}
 {{- /* JSON, not name=path: vLLM reads an item holding a comma as JSON, so a folder name with a
 comma would break the short form. */}}
 - --lora-modules
 {{- range . }}
 - {{ dict "name" .name "path" (printf "%s/%s" (trimSuffix "/" $.Values.adapters.mountPath) .path) | toJson | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -305,6 +326,17 @@ lifecycle:
   value: {{ include "loragate.proxyDrainTimeout" . | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- if include "loragate.reconciled" . }}
+- name: LORAGATE_PROXY_PROMOTED_POLL_S
+  value: {{ .Values.adapters.reconciler.pollSeconds | quote }}
+- name: LORAGATE_PROXY_PROMOTED_RETRY_S
+  value: {{ .Values.adapters.reconciler.retrySeconds | quote }}
+- name: LORAGATE_PROXY_PROMOTED_RETRY_MAX_S
+  value: {{ .Values.adapters.reconciler.retryMaxSeconds | quote }}
+# which adapters it loaded, kept on the pod's emptyDir across proxy restarts
+- name: LORAGATE_PROXY_PROMOTED_STATE
+  value: /tmp/loragate-promoted-state.json
+{{- end }}
 {{- with .Values.proxy.auth.existingSecret }}
 - name: LORAGATE_PROXY_API_KEYS
   valueFrom:

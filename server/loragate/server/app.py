@@ -68,10 +68,11 @@ from loragate.core.contracts import (
 )
 from loragate.core.judging import Judgement, judge_completion
 from loragate.core.sse import StreamTally
-from loragate.server import engine_metrics
+from loragate.server import engine_metrics, reconciler
 from loragate.server.adapters import AdapterNames
 from loragate.server.config import ProxyConfig
 from loragate.server.metrics import OTHER_ADAPTER, ProxyMetrics
+from loragate.server.reconciler import Admission, Reconciler
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
 from loragate.server.target import RequestTarget, TargetError, parse_target
@@ -245,6 +246,24 @@ class ProxyApp:
         self.drain_refused = 0
         self.own_routes[engine_metrics.ROUTE] = engine_metrics.EngineMetricsRelay(
             self._upstream_client, self.metrics.engine_scrape_errors)
+        #: The promoted-set reconciler (``promoted_set`` configured), and the admission of engine
+        #: requests it holds back for adapters being removed.
+        self.reconciler: Reconciler | None = None
+        self.admission: Admission | None = None
+        if config.promoted_set is not None:
+            self.metrics.enable_promoted()
+            self.reconciler = Reconciler(
+                config.promoted_set, self._upstream_client, self.metrics, poll_s=config.promoted_poll_s,
+                retry_s=config.promoted_retry_s, retry_max_s=config.promoted_retry_max_s,
+                state_file=config.promoted_state, on_change=self._refresh_names)
+            self.admission = self.reconciler.admission
+            self.own_routes[reconciler.ROUTE] = self.reconciler.endpoint
+            self.readiness_checks.append(self.reconciler.ready)
+
+    def _refresh_names(self) -> None:
+        """The engine's model list changed (the reconciler loaded or unloaded): read it now."""
+        self._background = [t for t in self._background if not t.done()]
+        self._background.append(asyncio.get_running_loop().create_task(self._adapter_names().refresh()))
 
     def _init_adapters(self, names: Any) -> None:
         for name in names:
@@ -280,6 +299,8 @@ class ProxyApp:
         self._init_adapters([OTHER_ADAPTER])
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
         self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
+        if self.reconciler is not None:
+            self._background.append(asyncio.get_running_loop().create_task(self.reconciler.run()))
         # What start-up built lives as long as the process: out of the collector's sight, an
         # oldest-generation collection no longer walks it (the ~35,000 objects of the imports
         # alone took 12.7 ms to walk, a pause every request in flight would wait out). vLLM's
@@ -504,6 +525,7 @@ class ProxyApp:
             return
         gauge = self.metrics.in_flight.labels(endpoint)
         gauge.inc()
+        ticket: int | None = None
         try:
             try:
                 body = await self._read_body_in_time(receive)
@@ -523,6 +545,12 @@ class ProxyApp:
                     await self._refuse(send, checked[0], checked[1], checked[2], endpoint)
                     return
                 body = checked
+            if self.admission is not None and route.kind in (Kind.JUDGED, Kind.GENERATING):
+                ticket = self.admission.enter(body)
+                if ticket is None:
+                    await self._refuse(send, 404, "adapter_retiring",
+                                       "the requested adapter is being removed from this server", endpoint)
+                    return
             if route.kind is Kind.JUDGED:
                 if target.route.rstrip("/") == "/invocations":
                     endpoint = invocation_endpoint(body)
@@ -535,6 +563,8 @@ class ProxyApp:
                                           generating=route.kind is Kind.GENERATING)
         finally:
             gauge.dec()
+            if ticket is not None and self.admission is not None:
+                self.admission.leave(ticket)
 
     def _adapter_path_checked(self, body: bytes, key: str) -> bytes | tuple[int, str, str]:
         """A load request's body with its adapter folder resolved inside the adapters directory,

@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--config", help="YAML file with any of the settings (keys as in the docs)")
+    parser.add_argument("--promoted-set", metavar="FILE",
+                        help="promoted-set file to apply to the engine at run time and report on /promoted "
+                             "(LORAGATE_PROXY_PROMOTED_SET; loragate.server.reconciler)")
     parser.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                         help="after SIGTERM, seconds requests in flight may take to finish while new ones "
                              "get 503 (default 25; LORAGATE_PROXY_DRAIN_TIMEOUT_S)")
@@ -83,13 +86,15 @@ def run(args: argparse.Namespace) -> int:
     from loragate.server.serving import UVICORN_SETTINGS, protocol_class
 
     config = load_config(args.config, upstream=args.upstream, contracts=args.contracts,
-                         host=args.host, port=args.port, drain_timeout_s=getattr(args, "drain_timeout", None))
+                         host=args.host, port=args.port, drain_timeout_s=getattr(args, "drain_timeout", None),
+                         promoted_set=getattr(args, "promoted_set", None))
     setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     app = ProxyApp(config)
     logging.getLogger("loragate.proxy").info(json.dumps({
         "event": "start", "upstream": config.upstream, "listen": f"{config.host}:{config.port}",
         "contracts": str(config.contracts) if config.contracts else None,
         "auth": bool(config.api_keys), "admin_endpoints": bool(config.admin_key),
+        "promoted_set": str(config.promoted_set) if config.promoted_set else None,
     }))
     _raise_open_files_limit(config.max_connections)
     from loragate.server.drain import DrainingServer

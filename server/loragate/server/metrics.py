@@ -149,6 +149,32 @@ class ProxyMetrics:
             self.bad_requests.labels(reason)
         self._initialised: set[tuple[str, bool]] = set()
 
+    def enable_promoted(self) -> None:
+        """Register the promoted-set reconciler's metrics (only a proxy that runs one exports them)."""
+        r = self.registry
+        # plain Gauges: their label sets are replaced as revisions and the set change (clear())
+        self.promoted_set_info = Gauge(
+            names.PROMOTED_SET_INFO,
+            "Always 1: desired_revision is the promoted-set file's revision, applied_revision the last one "
+            "whose every entry was attempted (loaded, or failed and reported) and whose removals are done.",
+            ["desired_revision", "applied_revision"], registry=r)
+        self.promoted_set_converged = Gauge(
+            names.PROMOTED_SET_CONVERGED,
+            "1 when the applied revision is the file's and every adapter of the set is loaded; 0 otherwise.",
+            registry=r)
+        self.promoted_adapter_state = Gauge(
+            names.PROMOTED_ADAPTER_STATE,
+            "1 for the state each adapter of the promoted set is in, 0 for the others: pending, loading, loaded, "
+            "failed (retried with backoff), draining (removed, waiting for its requests), conflict (the engine "
+            "serves the name from another folder), invalid (a bad entry).",
+            ["adapter", "state"], registry=r)
+        self.promoted_operations = _Counter(
+            names.PROMOTED_OPERATIONS, "Runtime LoRA calls the reconciler made to the engine, by operation and result.",
+            ["operation", "result"], registry=r)
+        for operation in ("load", "unload"):
+            for result in ("ok", "error"):
+                self.promoted_operations.labels(operation, result)
+
     def init_adapter(self, adapter: str, judged_json: bool) -> None:
         """Create every label combination of ``adapter`` at 0, once.
 
