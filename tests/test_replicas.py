@@ -4,6 +4,9 @@ replica's proxy reading one promoted-set folder, as every pod mounts the same Co
 
 "helm upgrade with a new promoted set" is the chart rendered with the new ``adapters.promoted``
 and its promoted-set ConfigMap written into that folder, replaced whole as the kubelet does.
+Each proxy reaches its engine through a relay (tests/relay.py) that passes everything through
+unchanged, except in the one test that asks it to hold streams back mid-way (so the set can
+change while they are in flight, however fast the engine is).
 
 - A new adapter in the set is served by every replica within 30 s, with no restart; an adapter
   someone else loaded is never touched; one already served from the same folder is adopted.
