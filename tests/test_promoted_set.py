@@ -157,3 +157,16 @@ def test_engine_pods_are_those_scheduled_and_not_terminating() -> None:
                   status=V1PodStatus(phase="Running")),
             V1Pod(metadata=V1ObjectMeta(name="done"), status=V1PodStatus(phase="Succeeded"))]
     assert engine_pods(pods) == ["running", "starting"]
+
+
+def test_the_gate_waits_for_its_rollout_and_exits_3_when_a_replica_did_not_apply_it(capsys) -> None:
+    """`loragate gate --rollout-replica`: after a PROMOTE, the replicas must report the new set's
+    revision within --rollout-timeout, else the gate exits 3 naming the replica."""
+    import argparse
+
+    from loragate.cli.gate import _wait_rollout
+
+    args = argparse.Namespace(rollout_replica=["http://127.0.0.1:1"], rollout_timeout=0.2, api_key=None)
+    assert _wait_rollout(args, "abcdef0123456789") == 3
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:1: unreachable" in out and "NOT done on every replica" in out
