@@ -144,5 +144,13 @@ def flag_values(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def lora_modules(args: list[str]) -> list[tuple[str, str]]:
+    """``(name, path)`` of each ``--lora-modules`` item of a rendered vLLM command line (the
+    chart renders vLLM's JSON form, ``{"name": ..., "path": ...}``)."""
+    import json
+
+    return [(item["name"], item["path"]) for item in map(json.loads, flag_values(args, "--lora-modules"))]
+
+
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())

@@ -34,6 +34,7 @@ from chart_tools import (
     helm,
     kinds,
     load_yaml,
+    lora_modules,
     one,
     pod_spec,
     render,
@@ -51,7 +52,8 @@ RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
 #: restricted NetworkPolicy, a PVC model cache, runtime LoRA updating.
 FULL_VALUES: dict[str, Any] = {
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
-                   "prometheusRule": {"enabled": True}},
+                   "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+    "autoscaling": {"enabled": True, "keda": {"serverAddress": "http://prometheus-operated.monitoring.svc:9090"}},
     "adapters": {
         "source": "objectStorage",
         "objectStorage": {"uri": "s3://models/adapters", "endpointUrl": "https://minio.example:9000",
@@ -65,6 +67,12 @@ FULL_VALUES: dict[str, Any] = {
     "networkPolicy": {"ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]},
     "model": {"hub": {"cache": {"existingClaim": "hf-cache"}}, "revision": "0e9e39f249a16976918f6564b8830bc894c89659"},
     "lora": {"runtimeUpdating": True},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "engine"}}}],
+    "extraVolumes": [{"name": "ca-bundle", "configMap": {"name": "corporate-ca"}}],
+    "vllm": {"extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True}]},
+    "proxy": {"extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True}]},
 }
 
 
@@ -103,7 +111,8 @@ def _validation_version() -> str:
     return version
 
 
-MONITORING_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+MONITORING_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                    ("keda.sh/v1alpha1", "ScaledObject")}
 
 
 @pytest.mark.parametrize("profile", ["gpu-default", "cpu", "gpu-full"])
@@ -116,7 +125,7 @@ def test_manifests_validate_strictly(profiles: dict[str, list[Path]], profile: s
     for doc in docs:
         key = (doc["apiVersion"], doc["kind"])
         if key in MONITORING_KINDS:
-            continue  # no schema in kubernetes-validate: test_monitoring_* check them
+            continue  # no schema in kubernetes-validate: test_service_monitor_*, test_prometheus_rule_*, test_keda_* check them
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -135,6 +144,75 @@ def test_strict_validation_catches_an_unknown_field() -> None:
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, _validation_version(), strict=True)
+
+
+# --------------------------------------------------------------------------- chart-testing
+
+#: chart-testing's Chart.yaml schema (``etc/chart_schema.yaml`` of helm/chart-testing, which `ct
+#: lint` applies with yamale in strict mode: an unknown key is an error): key -> (types, required).
+CT_CHART_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True), "home": ((str,), True), "version": ((str,), True), "apiVersion": ((str,), True),
+    "appVersion": ((str, int, float), False), "description": ((str,), True), "keywords": ((list,), False),
+    "sources": ((list,), False), "maintainers": ((list,), False), "icon": ((str,), False),
+    "engine": ((str,), False), "condition": ((str,), False), "tags": ((str,), False),
+    "deprecated": ((bool,), False), "kubeVersion": ((str,), False), "annotations": ((dict,), False),
+    "type": ((str,), False),
+}
+#: A GitHub account name (what `ct lint --validate-maintainers` looks up on the chart's git host).
+GITHUB_ACCOUNT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
+
+
+def ct_lint_chart_yaml(chart: dict[str, Any]) -> list[str]:
+    """What `ct lint` reports about a Chart.yaml without a network: its schema (strict), and
+    its maintainers (there must be some, each with a name that can be an account, an optional
+    email and url)."""
+    errors = [f"{key}: unexpected key" for key in chart if key not in CT_CHART_SCHEMA]
+    for key, (types, required) in CT_CHART_SCHEMA.items():
+        if key not in chart:
+            if required:
+                errors.append(f"{key}: required")
+        elif not isinstance(chart[key], types) or (bool not in types and isinstance(chart[key], bool)):
+            errors.append(f"{key}: not a {'/'.join(t.__name__ for t in types)}")
+    for key in ("keywords", "sources"):
+        if not all(isinstance(item, str) for item in chart.get(key) or []):
+            errors.append(f"{key}: every item must be a string")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (chart.get("annotations") or {}).items()):
+        errors.append("annotations: keys and values must be strings")
+    maintainers = chart.get("maintainers") or []
+    if not maintainers:
+        errors.append("Chart doesn't have maintainers")
+    for m in maintainers:
+        if not isinstance(m, dict) or set(m) - {"name", "email", "url"} or not isinstance(m.get("name"), str):
+            errors.append(f"maintainer {m!r}: needs a name and only name, email, url")
+            continue
+        if not GITHUB_ACCOUNT.match(m["name"]):
+            errors.append(f"maintainer {m['name']!r}: not an account name")
+        if "email" in m and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", str(m["email"])):
+            errors.append(f"maintainer {m['name']!r}: bad email {m['email']!r}")
+        if "url" in m and not str(m["url"]).startswith("https://"):
+            errors.append(f"maintainer {m['name']!r}: url must be https")
+    return errors
+
+
+def test_chart_yaml_passes_chart_testings_schema_and_maintainers_check() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert ct_lint_chart_yaml(chart) == []
+    assert chart["maintainers"] and chart["home"].startswith("https://")
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda c: c.pop("maintainers"), "Chart doesn't have maintainers"),
+    (lambda c: c.update(maintainers=[]), "Chart doesn't have maintainers"),
+    (lambda c: c.update(maintainers=[{"email": "a@b.c"}]), "needs a name"),
+    (lambda c: c.update(maintainers=[{"name": "not an account"}]), "not an account name"),
+    (lambda c: c.pop("home"), "home: required"),
+    (lambda c: c.update(homepage="x"), "homepage: unexpected key"),
+    (lambda c: c.update(annotations={"n": 1}), "annotations: keys and values must be strings"),
+])
+def test_chart_testing_check_catches_what_ct_lint_refuses(change: Any, error: str) -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    change(chart)
+    assert any(error in e for e in ct_lint_chart_yaml(chart)), ct_lint_chart_yaml(chart)
 
 
 # --------------------------------------------------------------------------- checkov
@@ -202,11 +280,12 @@ def test_checkov_skips_are_justified(checkov_reports: dict[str, dict[str, Any]])
 # --------------------------------------------------------------------------- adapters and LoRA
 
 
-def test_promoted_adapters_become_lora_modules_under_the_mount() -> None:
+def test_static_delivery_makes_promoted_adapters_lora_modules_under_the_mount() -> None:
     docs = render(set_json={"adapters.promoted": [{"name": "a", "path": "a"}, {"name": "b-2", "path": "team/b"}],
-                            "adapters.mountPath": "/srv/adapters"})
+                            "adapters.mountPath": "/srv/adapters", "adapters.delivery": "static"})
     args = container(docs, "vllm")["args"]
-    assert flag_values(args, "--lora-modules") == ["a=/srv/adapters/a", "b-2=/srv/adapters/team/b"]
+    assert flag_values(args, "--lora-modules") == ['{"name":"a","path":"/srv/adapters/a"}',
+                                                   '{"name":"b-2","path":"/srv/adapters/team/b"}']
     assert "--enable-lora" in args
     assert flag_values(args, "--max-loras") == ["4"] and flag_values(args, "--max-lora-rank") == ["64"]
     assert flag_values(args, "--max-cpu-loras") == ["8"]
@@ -223,9 +302,66 @@ def test_no_promoted_adapters_means_no_lora_modules_but_lora_on() -> None:
 
 
 def test_runtime_lora_updating_toggle() -> None:
-    assert env_of(container(render(), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
-    on = render(sets={"lora.runtimeUpdating": True})
+    static = {"adapters.delivery": "static"}
+    assert env_of(container(render(sets=static), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+    on = render(sets={**static, "lora.runtimeUpdating": True})
     assert env_of(container(on, "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # the reconciler applies the promoted set through the runtime API: it is on whatever the toggle
+    assert env_of(container(render(), "vllm"))["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+TWO_SETS = ([{"name": "poster-good", "path": "poster-good", "output": "json"}],
+            [{"name": "poster-good", "path": "poster-good", "output": "json"},
+             {"name": "chat-good", "path": "team/chat-good", "api": "chat"}])
+
+
+def _deployment_text(text: str) -> str:
+    [deployment] = [d for d in text.split("\n---\n") if "\nkind: Deployment\n" in d]
+    return deployment
+
+
+def test_a_new_promoted_set_leaves_the_pod_template_byte_identical() -> None:
+    """`helm upgrade` with another promoted set changes the ConfigMap, not the pod template: no
+    pod restarts. (With delivery static, the same change rewrites vLLM's command line.)"""
+    texts = [render_text(set_json={"adapters.promoted": s}, tests=False) for s in TWO_SETS]
+    assert _deployment_text(texts[0]) == _deployment_text(texts[1])
+    maps = [one([d for d in yaml.safe_load_all(text) if d], "ConfigMap", "-promoted") for text in texts]
+    assert maps[0]["data"] != maps[1]["data"]
+    static = [render_text(set_json={"adapters.promoted": s, "adapters.delivery": "static"}, tests=False)
+              for s in TWO_SETS]
+    assert _deployment_text(static[0]) != _deployment_text(static[1])
+
+
+def test_the_promoted_set_is_a_configmap_the_proxy_applies() -> None:
+    from loragate.core.promoted_set import parse, revision
+    from loragate.server.config import ENV_PREFIX, _TYPES
+
+    docs = render(set_json={"adapters.promoted": TWO_SETS[1], "adapters.mountPath": "/srv/adapters"})
+    config_map = one(docs, "ConfigMap", "-promoted")
+    data = config_map["data"]["promoted.json"].encode()
+    assert config_map["metadata"]["annotations"]["loragate.dev/promoted-revision"] == revision(data)
+    assert config_map["metadata"]["labels"]["loragate.dev/promoted-set"] == "true"
+    promoted = parse(data)
+    assert {n: e.path for n, e in promoted.entries.items()} == {
+        "poster-good": "/srv/adapters/poster-good", "chat-good": "/srv/adapters/team/chat-good"}
+    assert not promoted.invalid
+    vllm, proxy = container(docs, "vllm"), container(docs, "proxy")
+    assert "--lora-modules" not in vllm["args"]
+    [path] = flag_values(proxy["args"], "--promoted-set")
+    mount = next(m for m in proxy["volumeMounts"] if m["name"] == "promoted-set")
+    assert mount == {"name": "promoted-set", "mountPath": str(Path(path).parent), "readOnly": True}
+    assert "subPath" not in mount  # a subPath mount is never updated by the kubelet
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "promoted-set")
+    assert volume == {"name": "promoted-set", "configMap": {"name": config_map["metadata"]["name"]}}
+    env = env_of(proxy)
+    assert (env["LORAGATE_PROXY_PROMOTED_POLL_S"], env["LORAGATE_PROXY_PROMOTED_RETRY_S"],
+            env["LORAGATE_PROXY_PROMOTED_RETRY_MAX_S"]) == ("5", "5", "300")
+    assert env["LORAGATE_PROXY_PROMOTED_STATE"].startswith("/tmp/")  # the proxy-tmp emptyDir
+    assert {n for n in env if n.startswith(ENV_PREFIX)} <= {ENV_PREFIX + f.upper() for f in _TYPES}
+    static = render(sets={"adapters.delivery": "static"}, set_json={"adapters.promoted": TWO_SETS[1]})
+    assert not [d for d in static if d["metadata"]["name"].endswith("-promoted")]
+    assert "--promoted-set" not in container(static, "proxy")["args"]
+    assert "promoted-set" not in json.dumps(pod_spec(static))
 
 
 def test_lora_off_drops_lora_args_and_refuses_promoted_adapters() -> None:
@@ -265,9 +401,35 @@ def test_adapters_from_object_storage_are_fetched_by_an_init_container(full_valu
     assert init["securityContext"]["runAsNonRoot"] is True
     volume = next(v for v in spec["volumes"] if v["name"] == "adapters")
     assert "emptyDir" in volume and "persistentVolumeClaim" not in volume
-    assert container(docs, "vllm")["args"].count("--lora-modules") == 1
-    assert flag_values(container(docs, "vllm")["args"], "--lora-modules") == [
-        "support-triage=/adapters/support-triage", "summarizer=/adapters/team-a/summarizer"]
+    from loragate.core.promoted_set import parse
+
+    promoted = parse(one(docs, "ConfigMap", "-promoted")["data"]["promoted.json"].encode())
+    assert {n: e.path for n, e in promoted.entries.items()} == {
+        "support-triage": "/adapters/support-triage", "summarizer": "/adapters/team-a/summarizer"}
+
+
+def test_service_links_are_off() -> None:
+    """A Service named ``vllm`` in the namespace would otherwise give the vLLM container
+    ``VLLM_PORT=tcp://...``, which vLLM reads as its port setting and refuses to start."""
+    for docs in (render(), render([CPU_VALUES])):
+        assert pod_spec(docs)["enableServiceLinks"] is False
+        assert one(docs, "Pod", "smoke-test")["spec"]["enableServiceLinks"] is False
+
+
+def test_topology_spread_and_extra_volumes_reach_the_pod(full_values: Path) -> None:
+    docs = render([full_values])
+    spec = pod_spec(docs)
+    assert spec["topologySpreadConstraints"] == FULL_VALUES["topologySpreadConstraints"]
+    assert spec["volumes"][-1] == FULL_VALUES["extraVolumes"][0]
+    for name in ("vllm", "proxy"):
+        assert container(docs, name)["volumeMounts"][-1] == FULL_VALUES[name]["extraVolumeMounts"][0]
+    default = pod_spec(render())
+    assert "topologySpreadConstraints" not in default
+    assert "ca-bundle" not in json.dumps(default)
+    err = render_error(set_json={"vllm.extraVolumeMounts": [{"name": "x", "mountPath": "relative"}]})
+    assert "/vllm/extraVolumeMounts/0/mountPath" in err
+    err = render_error(set_json={"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]})
+    assert "missing property 'whenUnsatisfiable'" in err
 
 
 def test_adapters_from_a_pvc_are_mounted_read_only() -> None:
@@ -333,7 +495,7 @@ for args in json.load(sys.stdin):
     out.append({"model": ns.model_tag, "max_model_len": ea.max_model_len, "chunked": ea.enable_chunked_prefill,
                 "batched": ea.max_num_batched_tokens, "gpu_mem": ea.gpu_memory_utilization,
                 "tp": ea.tensor_parallel_size, "lora": ea.enable_lora, "max_loras": ea.max_loras,
-                "rank": ea.max_lora_rank, "cpu_loras": ea.max_cpu_loras,
+                "rank": ea.max_lora_rank, "cpu_loras": ea.max_cpu_loras, "shutdown_timeout": ea.shutdown_timeout,
                 "modules": [[m.name, m.path] for m in (ns.lora_modules or [])]})
 print("RESULT" + json.dumps(out))
 """
@@ -344,15 +506,19 @@ def test_gpu_profiles_args_pass_vllms_own_parser(full_values: Path) -> None:
     `vllm serve` parser, its validation, EngineArgs and LoRAConfig (as at start-up)."""
     import sys
 
+    # a folder name with a comma and an equals sign: vLLM's short form name=path cannot carry it
+    odd = {"adapters.promoted": [{"name": "odd", "path": "team,a/v=2"}], "adapters.delivery": "static"}
     arg_lists = [container(render(files), "vllm")["args"] for files in ([], [full_values])]
+    arg_lists.append(container(render(set_json=odd), "vllm")["args"])
     proc = subprocess.run([sys.executable, "-c", _VLLM_PARSE], input=json.dumps(arg_lists), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    default, full = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
+    default, full, comma = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
+    assert comma["modules"] == [["odd", "/adapters/team,a/v=2"]]
     assert default == {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_model_len": 32768, "chunked": True,
                        "batched": 8192, "gpu_mem": 0.9, "tp": 1, "lora": True, "max_loras": 4, "rank": 64,
-                       "cpu_loras": 8, "modules": []}
-    assert full["modules"] == [["support-triage", "/adapters/support-triage"], ["summarizer", "/adapters/team-a/summarizer"]]
+                       "cpu_loras": 8, "shutdown_timeout": 100, "modules": []}
+    assert full["modules"] == []  # the promoted set is loaded at run time (adapters.delivery reconciler)
 
 
 def test_tensor_parallel_size_must_match_the_gpus() -> None:
@@ -426,7 +592,8 @@ def test_proxy_is_the_only_port_and_vllm_stays_on_localhost() -> None:
     assert proxy["ports"] == [{"name": "http", "containerPort": settings.PROXY_PORT, "protocol": "TCP"}]
     assert proxy["command"] + proxy["args"] == [
         "loragate", "proxy", "--upstream", f"http://127.0.0.1:{settings.VLLM_PORT}",
-        "--contracts", "/adapters/adapters.yaml", "--host", "0.0.0.0", "--port", str(settings.PROXY_PORT)]
+        "--contracts", "/adapters/adapters.yaml", "--host", "0.0.0.0", "--port", str(settings.PROXY_PORT),
+        "--promoted-set", "/etc/loragate/promoted/promoted.json"]
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [{"name": "http", "port": settings.PROXY_PORT, "targetPort": "http", "protocol": "TCP"}]
     assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -485,9 +652,13 @@ def test_probes_fit_slow_model_loads() -> None:
     assert proxy["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert proxy["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for kind in ("startupProbe", "livenessProbe"):
         command = vllm[kind]["exec"]["command"]
         assert command[0] == "python3" and command[3] == f"http://127.0.0.1:{settings.VLLM_PORT}/health"
+    # readiness differs from liveness: the OpenAI server lists the served model
+    ready = vllm["readinessProbe"]["exec"]["command"]
+    assert ready[3] == f"http://127.0.0.1:{settings.VLLM_PORT}/v1/models" and ready[5] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert ready != vllm["livenessProbe"]["exec"]["command"]
     startup = vllm["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60, "a model download and load needs minutes"
     liveness = vllm["livenessProbe"]
@@ -496,13 +667,56 @@ def test_probes_fit_slow_model_loads() -> None:
 
 
 def test_vllm_probe_command_fails_when_nothing_answers() -> None:
-    """The exec probe is a real check: it exits non-zero when /health does not answer 200."""
+    """The exec probes are real checks: they exit non-zero when nothing answers."""
     import sys
 
-    command = container(render(sets={"vllm.port": 9}), "vllm")["livenessProbe"]["exec"]["command"]
-    assert command[3] == "http://127.0.0.1:9/health"
-    proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
-    assert proc.returncode != 0
+    vllm = container(render(sets={"vllm.port": 9}), "vllm")
+    for kind, path in (("livenessProbe", "/health"), ("readinessProbe", "/v1/models")):
+        command = vllm[kind]["exec"]["command"]
+        assert command[3] == f"http://127.0.0.1:9{path}"
+        proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
+        assert proc.returncode != 0, kind
+
+
+# --------------------------------------------------------------------------- stopping a pod
+
+
+def test_a_stopping_pod_drains_within_its_grace_period() -> None:
+    """preStop sleeps in both containers, then vLLM drains (--shutdown-timeout) and the proxy
+    outlives it (LORAGATE_PROXY_DRAIN_TIMEOUT_S), all within terminationGracePeriodSeconds."""
+    docs = render()
+    spec = pod_spec(docs)
+    vllm, proxy = container(docs, "vllm"), container(docs, "proxy")
+    assert spec["terminationGracePeriodSeconds"] == 120
+    for c in (vllm, proxy):
+        assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "10"]}}}, c["name"]
+    assert flag_values(vllm["args"], "--shutdown-timeout") == ["100"]
+    assert env_of(proxy)["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "105"
+    # the defaults follow the grace period
+    longer = render(sets={"terminationGracePeriodSeconds": 600, "drain.preStopSleepSeconds": 20})
+    assert flag_values(container(longer, "vllm")["args"], "--shutdown-timeout") == ["570"]
+    assert env_of(container(longer, "proxy"))["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "575"
+    explicit = render(sets={"vllm.shutdownTimeoutSeconds": 30, "proxy.drainTimeoutSeconds": 40, "drain.preStopSleepSeconds": 0})
+    assert flag_values(container(explicit, "vllm")["args"], "--shutdown-timeout") == ["30"]
+    assert env_of(container(explicit, "proxy"))["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "40"
+    assert "lifecycle" not in container(explicit, "vllm") and "lifecycle" not in container(explicit, "proxy")
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"terminationGracePeriodSeconds": 15}, "leaves no time for vLLM to drain"),
+    ({"vllm.shutdownTimeoutSeconds": 60, "proxy.drainTimeoutSeconds": 50}, "is shorter than vllm.shutdownTimeoutSeconds"),
+    ({"proxy.drainTimeoutSeconds": 115}, "exceed terminationGracePeriodSeconds"),
+])
+def test_drain_times_that_cannot_work_are_refused(sets: dict[str, Any], message: str) -> None:
+    assert message in render_error(sets=sets)
+
+
+def test_rolling_update_needs_no_spare_gpu() -> None:
+    """The default replaces one pod at a time without a spare GPU, never all replicas at once."""
+    strategy = one(render(), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    err = render_error(set_json={"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurgeX": 1}}})
+    assert "additional properties 'maxSurgeX' not allowed" in err
 
 
 # --------------------------------------------------------------------------- resources and security
@@ -565,20 +779,105 @@ def test_pod_disruption_budget_selects_the_engine() -> None:
 
 
 def test_monitoring_off_by_default() -> None:
-    assert not {"ServiceMonitor", "PrometheusRule"} & set(kinds(render()))
+    assert not {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HorizontalPodAutoscaler"} & set(kinds(render()))
 
 
-def test_service_monitor_scrapes_the_proxy_metrics(full_values: Path) -> None:
+def test_service_monitor_scrapes_the_proxy_and_the_engine_metrics(full_values: Path) -> None:
+    from loragate.server.engine_metrics import ROUTE
+
     docs = render([full_values])
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
-    [endpoint] = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
-    assert endpoint["port"] in [p["name"] for p in one(docs, "Service")["spec"]["ports"]]
+    proxy, engine = monitor["spec"]["endpoints"]
+    assert proxy["path"] == "/metrics" and engine["path"] == ROUTE == "/metrics/engine"
+    for endpoint, target in ((proxy, "proxy"), (engine, "engine")):
+        assert endpoint["port"] == "http"
+        assert endpoint["port"] in [p["name"] for p in one(docs, "Service")["spec"]["ports"]]
+        assert set(endpoint) == {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+        # the label the availability alerts and the autoscaler's query read
+        assert endpoint["relabelings"] == [{"targetLabel": "loragate_target", "replacement": target}]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service")["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert set(monitor["spec"]) == {"selector", "namespaceSelector", "endpoints"}
-    assert set(endpoint) == {"port", "path", "interval", "scrapeTimeout"}
+    alone = one(render([full_values], sets={"monitoring.serviceMonitor.engineMetrics": False,
+                                            "autoscaling.enabled": False}), "ServiceMonitor")
+    assert [e["path"] for e in alone["spec"]["endpoints"]] == ["/metrics"]
+    rules = load_yaml(RULES_FILE)
+    labels = {v for g in rules["groups"] for r in g["rules"] for v in re.findall(r'loragate_target="(\w+)"', r["expr"])}
+    assert labels == {"proxy", "engine"}
+
+
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
+
+
+def test_grafana_dashboard_configmap_carries_the_dashboard_for_the_sidecar(full_values: Path) -> None:
+    docs = render([full_values])
+    config_map = one(docs, "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["loragate.json"]) == json.loads(DASHBOARD.read_text())
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-dashboard")]
+    folder = render(set_json={"monitoring.grafanaDashboard": {"enabled": True, "labels": {"dash": "yes"},
+                                                              "annotations": {"grafana_folder": "LLM"}}})
+    config_map = one(folder, "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["dash"] == "yes"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+
+
+def test_dashboard_reads_only_metrics_that_exist() -> None:
+    """Every loragate_* name a panel reads is defined in loragate/core/metric_names.py, every
+    vllm:* name is one vLLM 0.32 registers, every panel has a query and a description."""
+    from loragate.core import metric_names
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    ours = {getattr(metric_names, n) for n in dir(metric_names) if isinstance(getattr(metric_names, n), str)
+            and getattr(metric_names, n).startswith("loragate_")}
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    vllm_source = "\n".join(p.read_text() for p in (Path(__import__("vllm").__file__).parent / "v1" / "metrics").glob("*.py"))
+    for panel in panels:
+        assert panel["description"] and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(loragate_[a-z_]+|vllm:[a-z_]+)", target["expr"]):
+                base = next((name[: -len(s)] for s in suffixes if name.endswith(s) and name[: -len(s)] in ours), name)
+                if name.startswith("loragate_"):
+                    assert base in ours or name == "loragate_target", (panel["title"], name)
+                else:
+                    stem = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+                    assert f'"{stem}"' in vllm_source or f'"{name}"' in vllm_source, (panel["title"], name)
+
+
+def test_keda_scales_on_the_engines_waiting_requests(full_values: Path) -> None:
+    docs = render([full_values])
+    scaled = one(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{RELEASE}-loragate"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 4)
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prometheus-operated.monitoring.svc:9090", "threshold": "4",
+        "query": f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",service="{RELEASE}-loragate",loragate_target="engine"}})'}
+    # the autoscaler owns the replicas: helm upgrade must not reset them
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert one(render(), "Deployment")["spec"]["replicas"] == 1
+    assert "autoscaling.keda.serverAddress" in render_error(sets={"autoscaling.enabled": True})
+    err = render_error(sets={"autoscaling.enabled": True, "autoscaling.keda.serverAddress": "http://p:9090"})
+    assert "set monitoring.serviceMonitor.enabled" in err
+
+
+def test_hpa_scales_on_a_pods_metric_and_validates() -> None:
+    import kubernetes_validate
+
+    docs = render(set_json={"autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3, "targetWaitingRequests": 2}})
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, _validation_version(), strict=True)
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "vllm_num_requests_waiting"},
+                                                                "target": {"type": "AverageValue", "averageValue": "2"}}}]
+    assert hpa["spec"]["behavior"]["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+    assert "below autoscaling.minReplicas" in render_error(set_json={"autoscaling": {
+        "enabled": True, "kind": "hpa", "minReplicas": 3, "maxReplicas": 2}})
 
 
 def test_prometheus_rule_ships_the_rules_file_and_promtool_accepts_it(full_values: Path, tmp_path: Path) -> None:
@@ -744,7 +1043,8 @@ def test_chart_readme_helm_commands_render(tmp_path: Path) -> None:
         argv = [str(CHART) if a == "charts/loragate" else str(promoted) if a == ".loragate/promoted/values.yaml"
                 else str(tmp_path / a) if a == "my-values.yaml" else a for a in argv]
         docs = [d for d in yaml.safe_load_all(helm("template", *argv[2:]).stdout) if d]
-        assert flag_values(container(docs, "vllm")["args"], "--lora-modules") == ["poster-good=/adapters/poster-good"]
+        promoted_json = one(docs, "ConfigMap", "-promoted")["data"]["promoted.json"]
+        assert json.loads(promoted_json) == {"base": "/adapters", "adapters": [{"name": "poster-good", "path": "poster-good"}]}
         if argv[1] == "install":
             assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(docs))
             assert container(docs, "proxy")["image"] == "registry.example.com/loragate:0.1.0"

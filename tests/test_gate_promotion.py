@@ -19,10 +19,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from chart_tools import CHART, CPU_VALUES, helm
+from chart_tools import CHART, CPU_VALUES, helm, one
 
 from loragate.acceptance.promotion import PromotionError, promote, read_promoted
 from loragate.core.contracts import load_contracts
+from loragate.core.promoted_set import parse as parse_set
+from loragate.core.promoted_set import revision as set_revision
 from loragate.core.errors import LoragateError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +70,20 @@ def test_promotion_writes_a_record_and_the_chart_values(tmp_path: Path) -> None:
     jsonschema.validate(values["adapters"]["promoted"], schema["properties"]["adapters"]["properties"]["promoted"])
     # ... and `helm upgrade -f` with it serves exactly the promoted set.
     rendered = helm("template", "lg", str(CHART), "-f", str(CPU_VALUES), "-f", str(done.values_path)).stdout
-    assert '"poster-a=/adapters/poster-a"' in rendered and '"poster-b=/adapters/poster-b"' in rendered
-    assert "poster-good=" not in rendered  # the CPU profile's own list is replaced
+    promoted = one([d for d in yaml.safe_load_all(rendered) if d], "ConfigMap", "-promoted")["data"]["promoted.json"]
+    assert json.loads(promoted)["adapters"] == [{"name": "poster-a", "path": "poster-a"},
+                                                {"name": "poster-b", "path": "poster-b"}]
+    assert "poster-good" not in rendered  # the CPU profile's own list is replaced
     assert set(read_promoted(folder)) == {"poster-a", "poster-b"}
+    # ... and the reconciler's file of the same set, paths under the local adapters folder
+    second = do_promote(contracts, "poster-b", folder)
+    data = (folder / "promoted-set.json").read_bytes()
+    reconciled = parse_set(data)
+    adapters = (tmp_path / "adapters").resolve()
+    assert {n: e.path for n, e in reconciled.entries.items()} == {
+        "poster-a": str(adapters / "poster-a"), "poster-b": str(adapters / "poster-b")}
+    assert second.to_dict()["revision"] == reconciled.revision == set_revision(data)
+    assert json.loads(data)["adapters"] == json.loads(promoted)["adapters"]  # the chart's, under its own mount
 
 
 def test_an_adapter_path_outside_the_adapters_folder_is_refused(tmp_path: Path) -> None:

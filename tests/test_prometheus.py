@@ -15,18 +15,26 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import heldout, start_proxy
+from conftest import heldout, start_proxy, wait_for
 
 from loragate.core.contracts import Thresholds, load_contracts, parse_contracts
 from loragate.core.judging import ConstraintResult, FinishClass, JsonResult, LengthCause, judge_completion
-from loragate.core.metric_names import OTHER_ADAPTER, SHADOW_PAIRED_METRICS, SHADOW_PAIRS, UPSTREAM_ERROR_KINDS
+from loragate.core.metric_names import (
+    OTHER_ADAPTER,
+    PROMOTED_ADAPTER_STATES,
+    SHADOW_PAIRED_METRICS,
+    SHADOW_PAIRS,
+    UPSTREAM_ERROR_KINDS,
+)
 from loragate.server.app import ProxyApp
 from loragate.server.config import ProxyConfig, ShadowConfig
+from loragate.server.engine_metrics import ROUTE as ENGINE_ROUTE
 from loragate.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "charts" / "loragate" / "files" / "prometheus-rules.yaml"
 RULE_TESTS = ROOT / "tests" / "promtool" / "rules_test.yaml"
+DASHBOARD = ROOT / "charts" / "loragate" / "files" / "grafana-dashboard.json"
 
 
 def tool(name: str) -> str:
@@ -71,7 +79,13 @@ SHADOW_LABEL_VALUES = {
     "loragate_shadow_completions_total": {("finish_reason", v.value) for v in FinishClass},
     "loragate_shadow_paired_total": {(("metric", m), ("pair", p)) for m in SHADOW_PAIRED_METRICS for p in SHADOW_PAIRS},
 }
-_SELECTOR = re.compile(r'(?<![:\w])(loragate_\w+)(?:\{([^}]*)\})?|\{__name__=~"([^"]+)"\}')
+#: The promoted-set reconciler's series the rules read: labelled with the adapters of the set, and
+#: exported only by a proxy that applies one (``promoted_set``).
+PROMOTED_LABEL_VALUES = {
+    "loragate_promoted_adapter_state": {("state", v) for v in PROMOTED_ADAPTER_STATES},
+    "loragate_promoted_set_converged": {None},
+}
+_SELECTOR = re.compile(r'(?<![:\w{,])(loragate_\w+)(?!\s*[=!~])(?:\{([^}]*)\})?|\{__name__=~"([^"]+)"\}')
 _MATCHER = re.compile(r'(\w+)\s*(=~|!=|=)\s*"([^"]*)"')
 
 
@@ -98,7 +112,8 @@ def _matches(labels: dict, matchers: list[tuple[str, str, str]]) -> bool:
 
 def test_the_rules_read_only_counters_whose_label_values_are_known():
     selected = {metric for _, metric, _ in rule_selectors()}
-    assert selected == set(LABEL_VALUES) | set(SHADOW_LABEL_VALUES), selected ^ (set(LABEL_VALUES) | set(SHADOW_LABEL_VALUES))
+    known = set(LABEL_VALUES) | set(SHADOW_LABEL_VALUES) | set(PROMOTED_LABEL_VALUES)
+    assert selected == known, selected ^ known
 
 
 def test_every_series_an_alert_reads_exists_at_0_for_every_known_adapter_before_its_first_request(tmp_path):
@@ -135,8 +150,8 @@ def test_every_series_an_alert_reads_exists_at_0_for_every_known_adapter_before_
             assert have == (values if metric != "loragate_json_outputs_total" or adapter == "json-adapter"
                             else set()), (adapter, metric)
         for rule, metric, matchers in rule_selectors():
-            if metric in SHADOW_LABEL_VALUES:
-                continue  # no adapter label: the test below
+            if metric in SHADOW_LABEL_VALUES or metric in PROMOTED_LABEL_VALUES:
+                continue  # their own labels: the tests below
             if metric == "loragate_json_outputs_total" and adapter != "json-adapter":
                 continue
             assert any(name == metric and labels["adapter"] == adapter and _matches(labels, matchers)
@@ -173,6 +188,76 @@ def test_every_series_a_shadow_rule_reads_exists_at_0_for_each_configured_pair_o
                            for name, labels, _ in samples), (rule, metric, matchers, candidate)
 
 
+def test_every_series_a_promoted_set_rule_reads_exists_for_each_adapter_of_the_set(tmp_path):
+    """A proxy applying a promoted set whose engine never answered: each adapter of the set (an
+    invalid entry included) has every ``state`` series, 0 but its own, the set's convergence
+    exists (0), and every selector of the promoted-set rules finds its series for each adapter."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loragate.core.promoted_set import render as render_set
+
+    file = tmp_path / "promoted-set.json"
+    file.write_bytes(render_set("/adapters", [("a", "a"), ("b", "b")]))
+
+    async def run() -> str:
+        app = ProxyApp(ProxyConfig(upstream=f"http://127.0.0.1:{free_port()}", promoted_set=file), None)
+        await app.startup()
+        try:
+            assert app.reconciler is not None
+            app.reconciler._read_file()
+            await app.reconciler.reconcile()  # no engine: nothing loads
+            app.reconciler._export()  # what each pass of its loop ends with
+            return generate_latest(app.metrics.registry).decode()
+        finally:
+            await app.shutdown()
+
+    samples = [(s.name, s.labels, s.value) for family in text_string_to_metric_families(asyncio.run(run()))
+               for s in family.samples if s.name in PROMOTED_LABEL_VALUES]
+    assert [v for n, _, v in samples if n == "loragate_promoted_set_converged"] == [0]
+    states = [(labels["adapter"], labels["state"], v) for n, labels, v in samples
+              if n == "loragate_promoted_adapter_state"]
+    assert {a for a, _, _ in states} == {"a", "b"}
+    for adapter in ("a", "b"):
+        assert {s for a, s, _ in states if a == adapter} == {v for _, v in PROMOTED_LABEL_VALUES[
+            "loragate_promoted_adapter_state"]}
+        assert sum(v for a, _, v in states if a == adapter) == 1
+        for rule, metric, matchers in rule_selectors():
+            if metric in PROMOTED_LABEL_VALUES:
+                assert any(name == metric and labels.get("adapter", adapter) == adapter and _matches(labels, matchers)
+                           for name, labels, _ in samples), (rule, metric, matchers, adapter)
+
+
+def test_recording_rules_are_what_their_names_and_comments_say():
+    """Prometheus's naming convention (level:metric:operations): a ``ratio`` record divides one
+    rate by another, a ``:rate5m`` record is a rate alone, and the comment above a rate does not
+    call it a ratio."""
+    lines = RULES.read_text().splitlines()
+    rules = {r["record"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"] if "record" in r}
+    assert rules
+    for i, line in enumerate(lines):
+        found = re.match(r"\s*- record: (\S+)", line)
+        if not found:
+            continue
+        record = found.group(1)
+        comment = []
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            comment.insert(0, lines[j].strip("# ").lower())
+            j -= 1
+        comment_text = " ".join(comment)
+        assert comment_text, f"{record} has no comment"
+        if ":ratio_" in record:
+            assert "/" in rules[record], f"{record} is named a ratio but divides nothing"
+            assert "share" in comment_text or "ratio" in comment_text, record
+        else:
+            assert record.endswith(":rate5m") and "/" not in rules[record], record
+            assert "per second" in comment_text, f"the comment of {record} does not say it is a rate"
+            assert "ratio:" not in comment_text and not comment_text.startswith(("ratio", "share")), \
+                f"the comment of {record} calls a rate a ratio: {comment_text}"
+
+
 @pytest.mark.stack
 def test_live_metrics_pass_promtool_check_metrics(own_proxy):
     httpx.post(f"{own_proxy.url}/v1/completions", timeout=120,
@@ -186,8 +271,14 @@ def test_live_metrics_pass_promtool_check_metrics(own_proxy):
 
 @pytest.fixture
 def scraped_proxy(stack, tmp_path):
-    """A proxy of its own (counters at zero) for the Prometheus test."""
-    proc = start_proxy(stack.vllm_url, tmp_path, contracts=stack.contracts_file)
+    """A proxy of its own (counters at zero) for the Prometheus test, reconciling a promoted set
+    of one adapter the stack's engine already serves from the same folder (adopted)."""
+    from loragate.core.promoted_set import render as render_set
+
+    contracts = load_contracts(stack.contracts_file)
+    promoted = tmp_path / "promoted.json"
+    promoted.write_bytes(render_set(str(contracts.adapters_dir), [("poster-good", "poster-good")]))
+    proc = start_proxy(stack.vllm_url, tmp_path, contracts=stack.contracts_file, config={"promoted_set": str(promoted)})
     try:
         yield proc
     finally:
@@ -196,14 +287,20 @@ def scraped_proxy(stack, tmp_path):
 
 @pytest.fixture
 def prometheus(scraped_proxy, tmp_path):
-    """A real Prometheus server scraping ``scraped_proxy`` every second, with the chart's rules loaded."""
+    """A real Prometheus server scraping ``scraped_proxy`` every second, with the chart's rules
+    loaded: its /metrics and the engine's metrics it relays at /metrics/engine, labelled
+    loragate_target as the chart's ServiceMonitor labels them."""
     port = free_port()
     target = scraped_proxy.url.removeprefix("http://")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "loragate-proxy", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "loragate-proxy", "static_configs": [{"targets": [target], "labels": {"loragate_target": "proxy"}}]},
+            {"job_name": "loragate-engine", "metrics_path": ENGINE_ROUTE,
+             "static_configs": [{"targets": [target], "labels": {"loragate_target": "engine"}}]},
+        ],
     }))
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen([tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -238,19 +335,24 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     prompts = heldout(stack, 4, offset=20)
     counts: dict[str, list[int]] = {}
     validity: dict[str, list[int]] = {}
-    before = scraped_proxy.scrape()
+    # every contract's series exist from the start, at 0, and those of every name the engine
+    # serves (its base model; the demo serves no adapter outside the contracts) and __other__
+    served = {*contracts.names, stack.base_model, OTHER_ADAPTER}
+
+    def adapters_of(samples: dict, name: str) -> set[str]:
+        return {dict(labels)["adapter"] for (n, labels) in samples if n == name}
+
+    before = wait_for(lambda: (s := scraped_proxy.scrape()) and adapters_of(s, "loragate_completions_total") == served
+                      and s, 30) or scraped_proxy.scrape()
     completions = {labels: v for (n, labels), v in before.items() if n == "loragate_completions_total"}
     assert not any(completions.values()), "scraped_proxy must start at zero"
-    # every known adapter's series exist from the start, at 0: the contracts' adapters and base
-    # model, what the engine serves (the same here) and __other__
-    known = set(contracts.names) | {contracts.base_model, OTHER_ADAPTER}
-    assert {dict(labels)["adapter"] for labels in completions} == known
+    assert adapters_of(before, "loragate_completions_total") == served
     # ... among them every series the alerts read (increase() needs the 0 before a first event)
-    for name in LABEL_VALUES:
+    for name in (*LABEL_VALUES, "loragate_client_disconnects_total"):
         series = {labels: v for (n, labels), v in before.items() if n == name}
         want = {a for a in contracts.names if contracts[a].expects_json} if name == "loragate_json_outputs_total" \
-            else known
-        assert {dict(labels)["adapter"] for labels in series} == want, name
+            else served
+        assert adapters_of(before, name) == want, name
         assert not any(series.values()), name
     for adapter, max_tokens in (("poster-good", 160), ("poster-eos-masked", 24), ("poster-truncated", 48)):
         for prompt in prompts:
@@ -271,7 +373,7 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
                      ' / sum by (adapter) (loragate_json_outputs_total)')
     total = 'sum by (adapter) (loragate_completions_total)'
     # the adapters not asked keep their series, at 0 (their rates are 0/0: no value)
-    expected_total = {**{a: 0.0 for a in known}, **{a: float(len(prompts)) for a in expected_stop}}
+    expected_total = {**{a: 0.0 for a in served}, **{a: float(len(prompts)) for a in expected_stop}}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if _query(prometheus, total) == expected_total:
@@ -286,5 +388,57 @@ def test_prometheus_scrapes_the_proxy_and_promql_gives_each_adapters_stop_rate(s
     assert asked(_query(prometheus, json_validity)) == expected_valid
 
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts"}
+    assert {g["name"] for g in rules} == {"loragate.recording", "loragate.alerts", "loragate.availability",
+                                          "loragate.promoted"}
     assert all(r["health"] in ("ok", "unknown") for g in rules for r in g["rules"])
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel of the chart's dashboard, its variables filled as
+    Grafana fills them with "All" adapters selected and a 1-minute rate interval."""
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"].replace("$adapter", ".*").replace("$__rate_interval", "1m"))
+            for panel in dashboard["panels"] if panel["type"] != "row" for target in panel["targets"]]
+
+
+@pytest.mark.stack
+def test_every_dashboard_panel_evaluates_against_prometheus_scraping_proxy_and_engine(
+        stack, scraped_proxy, prometheus):
+    """Prometheus scrapes the proxy and the engine (through /metrics/engine); after some traffic
+    every query of every panel evaluates without error or warning, and every panel shows data.
+    The availability alerts stay quiet with both targets up."""
+    for prompt in heldout(stack, 3, offset=30):
+        with httpx.stream("POST", f"{scraped_proxy.url}/v1/completions", timeout=300, json={
+                "model": "poster-good", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}) as resp:
+            assert resp.status_code == 200
+            assert any(line == "data: [DONE]" for line in resp.iter_lines())
+
+    def up() -> dict[str, float]:
+        data = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
+        return {r["metric"]["loragate_target"]: float(r["value"][1]) for r in data}
+
+    assert wait_for(lambda: up() == {"proxy": 1.0, "engine": 1.0}, 30), up()
+    # both scraped after the traffic: the counts and the engine's token counters are in
+    assert wait_for(lambda: _query(prometheus, 'sum(loragate_time_to_first_token_seconds_count)').get("") == 3.0
+                    and _query(prometheus, 'sum(vllm:generation_tokens_total)').get("", 0) > 0, 30)
+    time.sleep(2)  # a few more scrapes, so rates over the last minute have two samples or more
+    empty = []
+    queries = _panel_queries()
+    assert len({title for title, _ in queries}) >= 15
+    for title, expr in queries:
+        answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert answer["status"] == "success", (title, expr, answer)
+        assert not answer.get("warnings"), (title, expr, answer["warnings"])
+        if not answer["data"]["result"]:
+            empty.append(title)
+    titles = {title for title, _ in queries}
+    shown = titles - set(empty)
+    assert shown == titles, f"panels without data: {sorted(titles - shown)}"
+    alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    assert not [a for a in alerts if a["labels"]["alertname"].startswith(("LoragateEngine", "LoragateProxy",
+                                                                          "LoragateScrape", "LoragatePromoted"))], alerts
+    # the promoted set was adopted from what the engine serves, with no load call
+    states = _query(prometheus, 'loragate_promoted_adapter_state{state="loaded"} == 1')
+    assert states == {"poster-good": 1.0}

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("loragate.cli.gate", "check a training JSONL: how many examples fit, targets cut"),
     "load": ("loragate.cli.load", "headless locust load test with streaming SLOs"),
     "bench": ("loragate.cli.bench", "benchmarks: proxy overhead, stack throughput, time to verdict"),
+    "rollout": ("loragate.cli.rollout", "rollout status: wait until every replica applied the promoted set"),
 }
 
 

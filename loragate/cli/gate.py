@@ -1,7 +1,8 @@
 """``loragate gate`` and ``loragate check-data``.
 
 ``gate`` exits 0 on PROMOTE, 1 on REJECT, 130 when interrupted (a REJECT), 2 when it could not
-run (bad contracts, a report folder that cannot be written, ``--load`` without the load test).
+run (bad contracts, a report folder that cannot be written, ``--load`` without the load test),
+3 on PROMOTE when ``--rollout-replica`` replicas did not all apply the new promoted set.
 ``check-data`` exits 0 when every target fits (and, with ``--contracts``/``--adapter``, no
 target is empty and the share of targets judged valid JSON meets the contract's
 ``json_validity``), 1 when some would be cut (or a contract bar fails on the targets), 2 on bad
@@ -86,6 +87,11 @@ def _configure_gate(p: argparse.ArgumentParser) -> None:
                         "request is sent")
     p.add_argument("--prometheus", metavar="URL", help="with --shadow: Prometheus base URL to query")
     p.add_argument("--live", metavar="NAME", help="with --shadow: the live adapter shadowed (default: the only one)")
+    p.add_argument("--rollout-replica", action="append", default=[], metavar="URL",
+                   help="after a PROMOTE, wait until this replica's proxy (repeatable) applied the new promoted set "
+                        "(its --promoted-set is the promoted folder's promoted-set.json); exit 3 when one did not")
+    p.add_argument("--rollout-timeout", type=float, default=300.0,
+                   help="seconds to wait for --rollout-replica (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -217,4 +223,22 @@ def _gate(args: argparse.Namespace) -> int:
     else:
         print(result.table())
     sys.stdout.flush()
+    revision = (result.promotion or {}).get("revision")
+    if result.exit_code == 0 and args.rollout_replica and revision:
+        return _wait_rollout(args, str(revision))
     return result.exit_code
+
+
+def _wait_rollout(args: argparse.Namespace, revision: str) -> int:
+    """The promoted set reached every --rollout-replica (0), or not (3)."""
+    import os
+
+    from loragate.core.rollout import fetch, wait
+
+    key = args.api_key or os.environ.get("LORAGATE_API_KEY")
+    result = wait(lambda: [fetch(url, key) for url in args.rollout_replica], revision,
+                  timeout_s=args.rollout_timeout)
+    for status in result.replicas:
+        print(status.describe(revision))
+    print(f"rollout of promoted set {revision}: " + ("done" if result.ok else "NOT done on every replica"))
+    return 0 if result.ok else 3

@@ -32,6 +32,11 @@ SHADOW_JSON_OUTPUTS = "loragate_shadow_json_outputs"
 SHADOW_PAIRED = "loragate_shadow_paired"
 SHADOW_OUTPUT_TOKENS = "loragate_shadow_output_tokens"
 SHADOWS_IN_FLIGHT = "loragate_shadows_in_flight"
+ENGINE_SCRAPE_ERRORS = "loragate_engine_scrape_errors"
+PROMOTED_SET_INFO = "loragate_promoted_set_info"
+PROMOTED_SET_CONVERGED = "loragate_promoted_set_converged"
+PROMOTED_ADAPTER_STATE = "loragate_promoted_adapter_state"
+PROMOTED_OPERATIONS = "loragate_promoted_operations"
 
 #: The adapter label of any model name that is neither in the contracts nor served.
 OTHER_ADAPTER = "__other__"
@@ -50,6 +55,10 @@ SHADOW_OUTCOMES = ("judged", "skipped", "upstream_error", "refused", "invalid_re
 SHADOW_PAIRED_METRICS = ("stop", "json_valid")
 #: ``pair`` values: which of the live and the candidate answer met the metric on the same request.
 SHADOW_PAIRS = ("both", "live_only", "candidate_only", "neither")
+#: ``kind`` values of failed relays of the engine's metrics (``/metrics/engine``).
+ENGINE_SCRAPE_ERROR_KINDS = ("connect", "reset", "timeout", "stream_broken", "status", "too_large", "other")
+#: ``state`` values of an adapter of the promoted set (loragate.server.reconciler).
+PROMOTED_ADAPTER_STATES = ("pending", "loading", "loaded", "failed", "draining", "conflict", "invalid")
 #: ``reason`` values of requests refused by the proxy itself.
 BAD_REQUEST_REASONS = (
     "malformed_json", "not_an_object", "body_too_large", "unsupported_media_type",
@@ -59,6 +68,10 @@ BAD_REQUEST_REASONS = (
     "invalid_target", "invalid_field", "not_served", "method_not_allowed",
     # refused by the server before the app sees the request (loragate.server.serving)
     "invalid_http", "head_timeout", "headers_too_large", "connection_limit",
+    # a request that came while the server drained before stopping (loragate.server.drain)
+    "draining",
+    # a request for an adapter being removed from the promoted set (loragate.server.reconciler)
+    "adapter_retiring",
 )
 
 

@@ -4,11 +4,14 @@ Under the promoted folder (``settings.promoted_dir()``, ``.loragate/promoted/`` 
 
     promoted.json              the promoted set: adapter -> path, sha256, base, record, numbers
     values.yaml                the same set as chart values: ``adapters.promoted`` (helm upgrade -f)
+    promoted-set.json          the same set as the file a proxy's reconciler applies
+                               (loragate.core.promoted_set; ``loragate proxy --promoted-set``), its
+                               paths under the local adapters folder
     records/<time>-<adapter>-<sha>.json   one promotion record per PROMOTE, never rewritten
     .lock                      serialises updates (flock)
 
-``promoted.json`` is the source of truth; ``values.yaml`` is regenerated from it on every
-update. Every file is written atomically (temporary file in the same folder, ``fsync``,
+``promoted.json`` is the source of truth; ``values.yaml`` and ``promoted-set.json`` are
+regenerated from it on every update. Every file is written atomically (temporary file in the same folder, ``fsync``,
 ``os.replace``, ``fsync`` of the folder), so a process killed mid-write leaves the previous
 version whole; updates hold an exclusive lock, so two gate runs promoting different adapters
 at once both land. A REJECT never calls into this module.
@@ -37,6 +40,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from loragate.core import promoted_set as promoted_set_file
 from loragate.core import settings
 from loragate.core.contracts import Contract, resolve_under
 from loragate.core.errors import GateError
@@ -49,6 +53,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 _SET_VERSION = 1
+#: The promoted set as a reconciler's file (loragate.core.promoted_set), beside promoted.json.
+RECONCILED_FILE = "promoted-set.json"
 
 
 class PromotionError(GateError):
@@ -190,10 +196,15 @@ class Promotion:
     values_path: Path
     set_path: Path
     entry: PromotedEntry
+    #: The reconciler's file of the set, and its revision (what replicas report once applied).
+    promoted_set_path: Path | None = None
+    revision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"record": str(self.record_path), "values": str(self.values_path), "set": str(self.set_path),
-                "sha256": self.entry.sha256, "promoted_at": self.entry.promoted_at}
+                "sha256": self.entry.sha256, "promoted_at": self.entry.promoted_at,
+                "promoted_set": str(self.promoted_set_path) if self.promoted_set_path else None,
+                "revision": self.revision}
 
 
 def promote(contract: Contract, *, adapters_dir: Path, folder: Path, thresholds: Mapping[str, Any],
@@ -232,9 +243,13 @@ def promote(contract: Contract, *, adapters_dir: Path, folder: Path, thresholds:
         entries = read_promoted(folder)
         entries[contract.name] = entry
         set_path, values_path = folder / "promoted.json", folder / "values.yaml"
+        reconciled_path = folder / RECONCILED_FILE
+        reconciled = promoted_set_file.render(str(adapters_dir.resolve()), [(n, entries[n].path) for n in sorted(entries)])
         atomic_write(set_path, _set_json(entries))
         atomic_write(values_path, _values_yaml(entries))
-    return Promotion(record_path=record_path, values_path=values_path, set_path=set_path, entry=entry)
+        atomic_write(reconciled_path, reconciled)
+    return Promotion(record_path=record_path, values_path=values_path, set_path=set_path, entry=entry,
+                     promoted_set_path=reconciled_path, revision=promoted_set_file.revision(reconciled))
 
 
 def current_values(folder: Path) -> dict[str, Any]:

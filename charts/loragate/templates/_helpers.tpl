@@ -107,6 +107,51 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- end }}
 
+{{/* Seconds vLLM drains after SIGTERM (--shutdown-timeout): the value, or the grace period less
+the preStop sleep less 10 s. */}}
+{{- define "loragate.vllmShutdownTimeout" -}}
+{{- if kindIs "invalid" .Values.vllm.shutdownTimeoutSeconds }}
+{{- sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.drain.preStopSleepSeconds)) 10 }}
+{{- else }}
+{{- int .Values.vllm.shutdownTimeoutSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the proxy drains after SIGTERM: the value, or the grace period less the preStop sleep
+less 5 s (it outlives the engine's drain, so it relays the last answers). */}}
+{{- define "loragate.proxyDrainTimeout" -}}
+{{- if kindIs "invalid" .Values.proxy.drainTimeoutSeconds }}
+{{- sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.drain.preStopSleepSeconds)) 5 }}
+{{- else }}
+{{- .Values.proxy.drainTimeoutSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* PromQL: vLLM's waiting requests over the release's engines (the ServiceMonitor's targets
+carry namespace, service and loragate_target). */}}
+{{- define "loragate.waitingRequestsQuery" -}}
+{{- printf "sum(vllm:num_requests_waiting{namespace=\"%s\",service=\"%s\",loragate_target=\"engine\"})" .Release.Namespace (include "loragate.fullname" .) }}
+{{- end }}
+
+{{/* "true" when the proxy reconciles the promoted set into the engine (else ""). */}}
+{{- define "loragate.reconciled" -}}
+{{- if and .Values.lora.enabled (eq .Values.adapters.delivery "reconciler") }}true{{ end }}
+{{- end }}
+
+{{/* Where the promoted-set ConfigMap is mounted in the proxy, and the file in it. */}}
+{{- define "loragate.promotedSetDir" -}}/etc/loragate/promoted{{- end }}
+{{- define "loragate.promotedSetFile" -}}{{ include "loragate.promotedSetDir" . }}/promoted.json{{- end }}
+
+{{/* The promoted-set file (loragate.core.promoted_set): adapter folders under the adapters
+mount. Helm's toJson sorts keys and is compact; its revision is sha256 of these bytes. */}}
+{{- define "loragate.promotedSetJson" -}}
+{{- $entries := list }}
+{{- range .Values.adapters.promoted }}
+{{- $entries = append $entries (dict "name" .name "path" (trimSuffix "/" .path)) }}
+{{- end }}
+{{- dict "base" (trimSuffix "/" .Values.adapters.mountPath) "adapters" $entries | toJson }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express; each fails with what to change. */}}
 {{- define "loragate.validate" -}}
 {{- $names := dict }}
@@ -132,6 +177,19 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- if eq (int .Values.vllm.port) (int .Values.proxy.port) }}
 {{- fail (printf "vllm.port and proxy.port are both %d; they share the pod's network" (int .Values.proxy.port)) }}
+{{- end }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- $sleep := int .Values.drain.preStopSleepSeconds }}
+{{- $engineDrain := int (include "loragate.vllmShutdownTimeout" .) }}
+{{- $proxyDrain := float64 (include "loragate.proxyDrainTimeout" .) }}
+{{- if lt $engineDrain 1 }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time for vLLM to drain after the %d s preStop sleep (vllm.shutdownTimeoutSeconds would be %d; 0 aborts requests in flight): raise it, or set vllm.shutdownTimeoutSeconds and proxy.drainTimeoutSeconds" $grace $sleep $engineDrain) }}
+{{- end }}
+{{- if lt $proxyDrain (float64 $engineDrain) }}
+{{- fail (printf "proxy.drainTimeoutSeconds (%v) is shorter than vllm.shutdownTimeoutSeconds (%d): the proxy would stop before the engine's last answers" $proxyDrain $engineDrain) }}
+{{- end }}
+{{- if gt (addf $proxyDrain $sleep) (float64 $grace) }}
+{{- fail (printf "drain.preStopSleepSeconds (%d) + proxy.drainTimeoutSeconds (%v) exceed terminationGracePeriodSeconds (%d): the pod would be killed mid-drain" $sleep $proxyDrain $grace) }}
 {{- end }}
 {{- $gpus := dig "limits" "nvidia.com/gpu" nil .Values.vllm.resources }}
 {{- if and $gpus .Values.vllm.tensorParallelSize }}
@@ -187,6 +245,8 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- if kindIs "bool" $v.enablePrefixCaching }}
 - {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" $v.enablePrefixCaching }}
 {{- end }}
+- --shutdown-timeout
+- {{ include "loragate.vllmShutdownTimeout" . | quote }}
 {{- if .Values.lora.enabled }}
 - --enable-lora
 - --max-loras
@@ -197,10 +257,14 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 - --max-cpu-loras
 - {{ .Values.lora.maxCpuLoras | quote }}
 {{- end }}
+{{- if not (include "loragate.reconciled" .) }}
 {{- with .Values.adapters.promoted }}
+{{- /* JSON, not name=path: vLLM reads an item holding a comma as JSON, so a folder name with a
+comma would break the short form. */}}
 - --lora-modules
 {{- range . }}
-- {{ printf "%s=%s/%s" .name (trimSuffix "/" $.Values.adapters.mountPath) .path | quote }}
+- {{ dict "name" .name "path" (printf "%s/%s" (trimSuffix "/" $.Values.adapters.mountPath) .path) | toJson | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -210,18 +274,36 @@ Usage: include "loragate.image" (dict "image" .Values.vllm.image "tag" "fallback
 {{- end }}
 {{- end }}
 
-{{/* An exec probe of vLLM's /health on 127.0.0.1 (the kubelet cannot reach that address). */}}
+{{/* An exec probe of vLLM on 127.0.0.1 (the kubelet cannot reach that address): /health
+answers 200, or with "served" /v1/models lists the served model name. */}}
 {{- define "loragate.vllmProbeExec" -}}
 exec:
   command:
     - python3
     - -c
+    {{- if .served }}
+    - "import json, sys, urllib.request; models = json.load(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))); sys.exit(0 if sys.argv[3] in [m.get('id') for m in models.get('data', [])] else 1)"
+    - {{ printf "http://127.0.0.1:%d/v1/models" (int .root.Values.vllm.port) | quote }}
+    - {{ .probe.timeoutSeconds | quote }}
+    - {{ include "loragate.servedModelName" .root | quote }}
+    {{- else }}
     - "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
     - {{ printf "http://127.0.0.1:%d/health" (int .root.Values.vllm.port) | quote }}
     - {{ .probe.timeoutSeconds | quote }}
+    {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* The preStop hook of both containers: sleep while the pod leaves the Service's endpoints. */}}
+{{- define "loragate.preStop" -}}
+{{- if .Values.drain.preStopSleepSeconds }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ .Values.drain.preStopSleepSeconds | quote }}]
+{{- end }}
 {{- end }}
 
 {{/* The proxy's environment: keys from the Secret, and settings. */}}
@@ -252,8 +334,21 @@ failureThreshold: {{ .probe.failureThreshold }}
 - name: LORAGATE_PROXY_SHADOWS
   value: {{ toJson $shadows | quote }}
 {{- end }}
+- name: LORAGATE_PROXY_DRAIN_TIMEOUT_S
+  value: {{ include "loragate.proxyDrainTimeout" . | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- if include "loragate.reconciled" . }}
+- name: LORAGATE_PROXY_PROMOTED_POLL_S
+  value: {{ .Values.adapters.reconciler.pollSeconds | quote }}
+- name: LORAGATE_PROXY_PROMOTED_RETRY_S
+  value: {{ .Values.adapters.reconciler.retrySeconds | quote }}
+- name: LORAGATE_PROXY_PROMOTED_RETRY_MAX_S
+  value: {{ .Values.adapters.reconciler.retryMaxSeconds | quote }}
+# which adapters it loaded, kept on the pod's emptyDir across proxy restarts
+- name: LORAGATE_PROXY_PROMOTED_STATE
+  value: /tmp/loragate-promoted-state.json
+{{- end }}
 {{- with .Values.proxy.auth.existingSecret }}
 - name: LORAGATE_PROXY_API_KEYS
   valueFrom:

@@ -18,7 +18,11 @@ and on the generated part (an echoed prompt left out), with the one shared
 unjudged generations.
 
 Own endpoints: ``/health`` (liveness: the proxy runs; never follows the upstream),
-``/ready`` (readiness: the upstream's ``/health`` answers), ``/metrics`` (Prometheus).
+``/ready`` (readiness: the upstream's ``/health`` answers, and every check in
+:attr:`ProxyApp.readiness_checks` passes), ``/metrics`` (Prometheus), and those of
+:attr:`ProxyApp.own_routes` (:mod:`loragate.server.engine_metrics`, :mod:`loragate.server.reconciler`).
+While the server drains (:mod:`loragate.server.drain`), ``/ready`` answers 503 and every
+request to the engine gets a 503 with ``Connection: close``.
 
 Access: with API keys configured, every other route needs one (``Authorization: Bearer``);
 admin routes (:class:`~loragate.server.routes.Kind` ``admin``) need the admin key, and a load
@@ -64,11 +68,13 @@ from loragate.core.contracts import (
     resolve_under,
 )
 from loragate.core.sse import StreamTally
+from loragate.server import engine_metrics, reconciler
 from loragate.server.adapters import AdapterNames
 from loragate.server.answers import Output, judge_outputs, whole_answer
 from loragate.server.config import ProxyConfig
 from loragate.server.fields import Asked, FieldError, read_fields, upstream_body
 from loragate.server.metrics import ProxyMetrics
+from loragate.server.reconciler import Admission, Reconciler
 from loragate.server.routes import Kind, classify, unclassified
 from loragate.server.shadow import LiveOutcome, Shadows, live_outcome_of
 from loragate.server.serving import BODY_WRITER, RAW_TARGET, BodyWriter, ServerEvents
@@ -90,6 +96,8 @@ access_log = logging.getLogger("loragate.proxy.requests")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+#: An own endpoint besides /health, /ready and /metrics: called with the request's scope and send.
+OwnRoute = Callable[[Scope, Send], Awaitable[None]]
 
 def invocation_endpoint(body: bytes) -> str:
     """The endpoint label of an ``/invocations`` request: ``chat_completions`` when its body
@@ -240,6 +248,34 @@ class ProxyApp:
         self.turns = EngineTurns()
         #: Candidate adapters shadowing live ones (:mod:`loragate.server.shadow`).
         self.shadows = Shadows(config.shadows, contracts, self.metrics, log_requests=config.log_requests)
+        #: Own endpoints by route, answered before anything is forwarded (same access as /metrics).
+        self.own_routes: dict[str, OwnRoute] = {}
+        #: More conditions of /ready: each returns (ready, why not).
+        self.readiness_checks: list[Callable[[], tuple[bool, str]]] = []
+        #: Set when the server drains (loragate.server.drain): new engine requests get 503.
+        self.draining = False
+        #: Requests refused while draining.
+        self.drain_refused = 0
+        self.own_routes[engine_metrics.ROUTE] = engine_metrics.EngineMetricsRelay(
+            self._upstream_client, self.metrics.engine_scrape_errors)
+        #: The promoted-set reconciler (``promoted_set`` configured), and the admission of engine
+        #: requests it holds back for adapters being removed.
+        self.reconciler: Reconciler | None = None
+        self.admission: Admission | None = None
+        if config.promoted_set is not None:
+            self.metrics.enable_promoted()
+            self.reconciler = Reconciler(
+                config.promoted_set, self._upstream_client, self.metrics, poll_s=config.promoted_poll_s,
+                retry_s=config.promoted_retry_s, retry_max_s=config.promoted_retry_max_s,
+                state_file=config.promoted_state, on_change=self._refresh_names)
+            self.admission = self.reconciler.admission
+            self.own_routes[reconciler.ROUTE] = self.reconciler.endpoint
+            self.readiness_checks.append(self.reconciler.ready)
+
+    def _refresh_names(self) -> None:
+        """The engine's model list changed (the reconciler loaded or unloaded): read it now."""
+        self._background = [t for t in self._background if not t.done()]
+        self._background.append(asyncio.get_running_loop().create_task(self._adapter_names().refresh()))
 
     def _upstream_client(self) -> Upstream:
         """The engine client, which :meth:`startup` makes before the app serves anything."""
@@ -264,6 +300,8 @@ class ProxyApp:
         self.names = AdapterNames(self._contracts, self.upstream, on_known=self._init_adapter)
         self._background.append(asyncio.get_running_loop().create_task(self.names.run_periodic()))
         self._background.append(asyncio.get_running_loop().create_task(self._report_unclassified_routes()))
+        if self.reconciler is not None:
+            self._background.append(asyncio.get_running_loop().create_task(self.reconciler.run()))
         # What start-up built lives as long as the process: out of the collector's sight, an
         # oldest-generation collection no longer walks it (the ~35,000 objects of the imports
         # alone took 12.7 ms to walk, a pause every request in flight would wait out). vLLM's
@@ -330,6 +368,13 @@ class ProxyApp:
                 await self._refuse(send, 401, "unauthorized", "a valid API key is required")
                 return
             await self._respond(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+        elif route in self.own_routes:
+            if not self.config.public_metrics and not self._authorised(scope, self._api_keys):
+                await self._refuse(send, 401, "unauthorized", "a valid API key is required")
+                return
+            await self.own_routes[route](scope, send)
+        elif self.draining:
+            await self._refuse_draining(send)
         else:
             await self._proxy(scope, receive, send, target)
 
@@ -395,9 +440,28 @@ class ProxyApp:
         return ok
 
     async def _ready(self, send: Send) -> None:
+        if self.draining:
+            await self._respond(send, 503, b'{"status":"draining"}')
+            return
         ok = await self._upstream_client().healthy(timeout_s=2.0)
-        await self._respond(send, 200 if ok else 503,
-                            b'{"status":"ready"}' if ok else b'{"status":"upstream not ready"}')
+        if not ok:
+            await self._respond(send, 503, b'{"status":"upstream not ready"}')
+            return
+        for check in self.readiness_checks:
+            ready, why = check()
+            if not ready:
+                await self._respond(send, 503, json.dumps({"status": why}).encode())
+                return
+        await self._respond(send, 200, b'{"status":"ready"}')
+
+    async def _refuse_draining(self, send: Send) -> None:
+        """A request that came after the drain began: 503, and the client should go elsewhere."""
+        self.drain_refused += 1
+        self.metrics.bad_requests.labels("draining").inc()
+        self.metrics.requests.labels("other", "5xx").inc()
+        await self._respond(send, 503, openai_error(
+            "this server is shutting down; send the request again (another replica takes it)",
+            "service_unavailable", 503), headers=[(b"connection", b"close"), (b"retry-after", b"1")])
 
     async def _read_body_in_time(self, receive: Receive) -> bytes:
         """The request body, or :class:`_SlowBody` when it has not all come within
@@ -467,6 +531,7 @@ class ProxyApp:
             return
         gauge = self.metrics.in_flight.labels(endpoint)
         gauge.inc()
+        ticket: int | None = None
         try:
             try:
                 body = await self._read_body_in_time(receive)
@@ -486,6 +551,12 @@ class ProxyApp:
                     await self._refuse(send, checked[0], checked[1], checked[2], endpoint)
                     return
                 body = checked
+            if self.admission is not None and route.kind in (Kind.JUDGED, Kind.GENERATING):
+                ticket = self.admission.enter(body)
+                if ticket is None:
+                    await self._refuse(send, 404, "adapter_retiring",
+                                       "the requested adapter is being removed from this server", endpoint)
+                    return
             if route.kind is Kind.JUDGED:
                 if target.route.rstrip("/") == "/invocations":
                     endpoint = invocation_endpoint(body)
@@ -498,6 +569,8 @@ class ProxyApp:
                                           generating=route.kind is Kind.GENERATING)
         finally:
             gauge.dec()
+            if ticket is not None and self.admission is not None:
+                self.admission.leave(ticket)
 
     def _adapter_path_checked(self, body: bytes, key: str) -> bytes | tuple[int, str, str]:
         """A load request's body with its adapter folder resolved inside the adapters directory,

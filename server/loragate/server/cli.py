@@ -46,6 +46,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--config", help="YAML file with any of the settings (keys as in the docs)")
+    parser.add_argument("--promoted-set", metavar="FILE",
+                        help="promoted-set file to apply to the engine at run time and report on /promoted "
+                             "(LORAGATE_PROXY_PROMOTED_SET; loragate.server.reconciler)")
+    parser.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                        help="after SIGTERM, seconds requests in flight may take to finish while new ones "
+                             "get 503 (default 25; LORAGATE_PROXY_DRAIN_TIMEOUT_S)")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from loragate.server.serving import UVICORN_SETTINGS, protocol_class
 
     config = load_config(args.config, upstream=args.upstream, contracts=args.contracts,
-                         host=args.host, port=args.port)
+                         host=args.host, port=args.port, drain_timeout_s=getattr(args, "drain_timeout", None),
+                         promoted_set=getattr(args, "promoted_set", None))
     setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     app = ProxyApp(config)
     logging.getLogger("loragate.proxy").info(json.dumps({
@@ -89,8 +96,13 @@ def run(args: argparse.Namespace) -> int:
         "contracts": str(config.contracts) if config.contracts else None,
         "auth": bool(config.api_keys), "admin_endpoints": bool(config.admin_key),
         "shadows": [dataclasses.asdict(s) for s in config.shadows],
+        "promoted_set": str(config.promoted_set) if config.promoted_set else None,
     }))
     _raise_open_files_limit(config.max_connections)
+    from loragate.server.drain import DrainingServer
+
     settings = {**UVICORN_SETTINGS, "http": protocol_class(config.server_limits(), app.server_events())}
-    uvicorn.run(app, host=config.host, port=config.port, lifespan="on", timeout_graceful_shutdown=5, **settings)
-    return 0
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", **settings),
+                            app, drain_timeout_s=config.drain_timeout_s)
+    server.run()
+    return 0 if server.started else 3  # as uvicorn.run: 3 when start-up failed

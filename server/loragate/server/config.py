@@ -28,6 +28,20 @@ field                         environment variable            meaning (default)
 ``shadows``                   ``LORAGATE_PROXY_SHADOWS``      candidate adapters shadowing live ones: a list of
                                                               ``{live, candidate, share, max_in_flight}``
                                                               (the variable: that list as JSON); none by default
+``promoted_set``              ``LORAGATE_PROXY_PROMOTED_SET`` a promoted-set file (loragate.core.promoted_set) the
+                                                              proxy applies to the engine at run time and
+                                                              reports on /promoted (none: off)
+``promoted_poll_s``           ``LORAGATE_PROXY_PROMOTED_POLL_S`` seconds between reads of that file (5)
+``promoted_retry_s``          ``LORAGATE_PROXY_PROMOTED_RETRY_S`` first retry delay of a failed load or unload,
+                                                              doubling on each failure (5)
+``promoted_retry_max_s``      ``LORAGATE_PROXY_PROMOTED_RETRY_MAX_S`` longest retry delay (300)
+``promoted_state``            ``LORAGATE_PROXY_PROMOTED_STATE`` file keeping which adapters the reconciler
+                                                              loaded, across proxy restarts (none)
+``drain_timeout_s``           ``LORAGATE_PROXY_DRAIN_TIMEOUT_S`` after SIGTERM, seconds the requests in flight
+                                                              may take to finish while new ones get 503
+                                                              (25: Kubernetes' default grace period of 30 s
+                                                              less a margin; the chart derives it from the
+                                                              pod's terminationGracePeriodSeconds)
 ============================  ==============================  ===============================================
 
 Shadows (:mod:`loragate.server.shadow`): for a ``share`` (0 < share <= 1) of the judged requests
@@ -137,6 +151,12 @@ class ProxyConfig:
     public_metrics: bool = True
     log_requests: bool = True
     shadows: tuple[ShadowConfig, ...] = ()
+    drain_timeout_s: float = 25.0
+    promoted_set: Path | None = None
+    promoted_poll_s: float = 5.0
+    promoted_retry_s: float = 5.0
+    promoted_retry_max_s: float = 300.0
+    promoted_state: Path | None = None
 
     def server_limits(self) -> "ServerLimits":
         """The serving layer's limits (:class:`loragate.server.serving.ServerLimits`) from these settings."""
@@ -164,7 +184,7 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
         if name == "api_keys":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(k.strip() for k in items if str(k).strip())
-        if name == "contracts":
+        if name in ("contracts", "promoted_set", "promoted_state"):
             return Path(value) if value else None
         if name == "shadows":
             return _shadows(value)
@@ -176,7 +196,9 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
 _TYPES = {"upstream": str, "contracts": Path, "host": str, "port": int, "max_body_bytes": int,
           "body_timeout_s": float, "upstream_timeout_s": float,
           "head_timeout_s": float, "max_head_bytes": int, "max_headers": int, "max_connections": int, "api_keys": tuple, "admin_key": str,
-          "public_metrics": bool, "log_requests": bool, "shadows": tuple}
+          "public_metrics": bool, "log_requests": bool, "shadows": tuple,
+          "drain_timeout_s": float, "promoted_set": Path, "promoted_poll_s": float, "promoted_retry_s": float,
+          "promoted_retry_max_s": float, "promoted_state": Path}
 
 
 def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -213,4 +235,8 @@ def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, st
         raise ConfigError("timeouts must be positive")
     if config.shadows and config.contracts is None:
         raise ConfigError("shadows need the contracts (--contracts): live and candidate must be contract adapters")
+    if config.drain_timeout_s < 0:
+        raise ConfigError("drain_timeout_s must be 0 or more")
+    if min(config.promoted_poll_s, config.promoted_retry_s, config.promoted_retry_max_s) <= 0:
+        raise ConfigError("promoted_poll_s, promoted_retry_s and promoted_retry_max_s must be positive")
     return dataclasses.replace(config, upstream=config.upstream.rstrip("/"))

@@ -196,11 +196,44 @@ class ProxyMetrics:
         self.shadows_in_flight = _Gauge(
             names.SHADOWS_IN_FLIGHT, "Shadow requests running now (waiting for an engine turn included).",
             ["candidate", "live"], registry=r)
+        self.engine_scrape_errors = _Counter(
+            names.ENGINE_SCRAPE_ERRORS,
+            "Scrapes of /metrics/engine the engine's /metrics could not answer, by kind: connect, reset, "
+            "timeout, stream_broken, status (not 200), too_large (over the relay's cap), other.",
+            ["kind"], registry=r)
+        for kind in names.ENGINE_SCRAPE_ERROR_KINDS:
+            self.engine_scrape_errors.labels(kind)
         for endpoint in ENDPOINTS:
             self.in_flight.labels(endpoint)
         for reason in BAD_REQUEST_REASONS:
             self.bad_requests.labels(reason)
         self._initialised: set[tuple[str, bool]] = set()
+
+    def enable_promoted(self) -> None:
+        """Register the promoted-set reconciler's metrics (only a proxy that runs one exports them)."""
+        r = self.registry
+        # plain Gauges: their label sets are replaced as revisions and the set change (clear())
+        self.promoted_set_info = Gauge(
+            names.PROMOTED_SET_INFO,
+            "Always 1: desired_revision is the promoted-set file's revision, applied_revision the last one "
+            "whose every entry was attempted (loaded, or failed and reported) and whose removals are done.",
+            ["desired_revision", "applied_revision"], registry=r)
+        self.promoted_set_converged = Gauge(
+            names.PROMOTED_SET_CONVERGED,
+            "1 when the applied revision is the file's and every adapter of the set is loaded; 0 otherwise.",
+            registry=r)
+        self.promoted_adapter_state = Gauge(
+            names.PROMOTED_ADAPTER_STATE,
+            "1 for the state each adapter of the promoted set is in, 0 for the others: pending, loading, loaded, "
+            "failed (retried with backoff), draining (removed, waiting for its requests), conflict (the engine "
+            "serves the name from another folder), invalid (a bad entry).",
+            ["adapter", "state"], registry=r)
+        self.promoted_operations = _Counter(
+            names.PROMOTED_OPERATIONS, "Runtime LoRA calls the reconciler made to the engine, by operation and result.",
+            ["operation", "result"], registry=r)
+        for operation in ("load", "unload"):
+            for result in ("ok", "error"):
+                self.promoted_operations.labels(operation, result)
 
     def init_adapter(self, adapter: str, json_contract: bool) -> None:
         """Create every label combination of ``adapter`` at 0, once.
