@@ -428,8 +428,9 @@ def _leave_a_runaway(stack, proxy: ProxyProcess, max_tokens: int) -> tuple[dict,
     sock = socket.create_connection(("127.0.0.1", port_of(proxy.url)), timeout=10)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    # on a loaded machine the proxy's process may wait seconds for a CPU before it reads the request
     assert wait_for(lambda: sample(proxy.scrape(), "loragate_requests_in_flight", endpoint="completions") >= 1,
-                    10), "the proxy never took the request"
+                    30), "the proxy never took the request"
     time.sleep(1.0)  # the engine has it and is generating
     sock.close()
     t0 = time.monotonic()
