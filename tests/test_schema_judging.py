@@ -318,3 +318,18 @@ def test_a_schema_is_compiled_once_and_a_changed_one_anew():
     schema["required"] = ["n"]  # the caller's dict changed: judged by what it holds now
     assert judge_json("{}", schema)[0] is JsonResult.SCHEMA_MISMATCH
     assert judge_json("{}", first) == (JsonResult.VALID, None)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list('{}[]",:0123456789.eE+-aNIfinty \n\t\ufeff\\u')), max_size=24))
+def test_any_text_gets_the_reference_verdict(text):
+    """The judging parses as ``json.loads`` does, whatever the text (near-JSON, bare constants,
+    a byte-order mark): what it calls valid, invalid or a mismatch is the reference's."""
+    for schema in (LAYOUT_SCHEMA, RICH_2020):
+        assert outcome(judge_json, text, schema) == outcome(reference_judgement, text, schema)
+    try:
+        json.loads(text.strip())
+        parses = True
+    except (ValueError, RecursionError):
+        parses = False
+    assert judge_json(text) == ((JsonResult.VALID if parses else JsonResult.INVALID), None)
