@@ -361,3 +361,18 @@ def test_the_proxy_judges_live_and_shadow_answers_with_the_schema_compiled_at_st
     (j, constrained), = judge_outputs(outputs[:1], {}, False, Asked(), names, "poster", constrained=True)
     assert j.json_result is JsonResult.SCHEMA_MISMATCH and constrained is ConstraintResult.SCHEMA_MISMATCH
     assert j.schema_error == "(root): 'subtitle' is a required property"
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list('{}[]",:0123456789.eE+-aNIfinty \n\t\ufeff\\u')), max_size=24))
+def test_any_text_gets_the_reference_verdict(text):
+    """The judging parses as ``json.loads`` does, whatever the text (near-JSON, bare constants,
+    a byte-order mark): what it calls valid, invalid or a mismatch is the reference's."""
+    for schema in (LAYOUT_SCHEMA, RICH_2020):
+        assert outcome(judge_json, text, schema) == outcome(reference_judgement, text, schema)
+    try:
+        json.loads(text.strip())
+        parses = True
+    except (ValueError, RecursionError):
+        parses = False
+    assert judge_json(text) == ((JsonResult.VALID if parses else JsonResult.INVALID), None)
