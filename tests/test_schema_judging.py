@@ -148,19 +148,30 @@ def reference_judgement(text: str, schema: dict) -> tuple[JsonResult, str | None
         return JsonResult.INVALID, None
     schema = json.loads(json.dumps(schema, sort_keys=True))
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    error = jsonschema.exceptions.best_match(cls(schema).iter_errors(document))
+    try:
+        error = jsonschema.exceptions.best_match(cls(schema).iter_errors(document))
+    except (ArithmeticError, ValueError) as exc:  # a document jsonschema cannot check does not match
+        return JsonResult.SCHEMA_MISMATCH, f"(root): cannot be checked against the schema ({type(exc).__name__}: {exc})"
     if error is None:
         return JsonResult.VALID, None
     return JsonResult.SCHEMA_MISMATCH, f"{'/'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
 
 
 def outcome(judge: Any, text: str, schema: Any) -> Any:
-    """What ``judge(text, schema)`` returns, or the type of what it raises: ``jsonschema`` itself
-    raises on some documents (a float ``multipleOf`` of an infinity), and so must the judging."""
-    try:
-        return judge(text, schema)
-    except (OverflowError, ValueError) as exc:
-        return type(exc)
+    """What ``judge(text, schema)`` returns (neither the judging nor the reference raises:
+    a document ``jsonschema`` cannot check, a float ``multipleOf`` of an infinity, is a mismatch)."""
+    return judge(text, schema)
+
+
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "NaN", "1e400", '{"x": 1e400}'])
+def test_a_document_jsonschema_cannot_check_is_a_mismatch_not_an_exception(text):
+    """``jsonschema`` raises on a float ``multipleOf`` of a non-finite number (OverflowError,
+    ValueError); the proxy judges every answer, so the judging must give a verdict instead."""
+    schema = {"multipleOf": 0.1, "properties": {"x": {"multipleOf": 0.1}}}
+    result, error = judge_json(text, schema)
+    assert result is JsonResult.SCHEMA_MISMATCH
+    assert error is not None and "cannot be checked against the schema" in error
+    assert (result, error) == reference_judgement(text, schema)
 
 
 def _resolve(ref: str, root: dict) -> Any:

@@ -309,8 +309,16 @@ class CompiledSchema:
         return self.reference_error(document)
 
     def reference_error(self, document: Any) -> str | None:
-        """``jsonschema``'s verdict alone: ``None`` or the first error as ``path: message``."""
-        error = jsonschema.exceptions.best_match(self.reference.iter_errors(document))
+        """``jsonschema``'s verdict alone: ``None`` or the first error as ``path: message``.
+
+        A document ``jsonschema`` cannot check (it raises: a float ``multipleOf`` of an infinity
+        or NaN, which ``json.loads`` reads from ``Infinity``, ``NaN`` or ``1e400``) does not
+        match: its message says why, and the judging never raises into the proxy's counting.
+        """
+        try:
+            error = jsonschema.exceptions.best_match(self.reference.iter_errors(document))
+        except (ArithmeticError, ValueError) as exc:
+            return f"(root): cannot be checked against the schema ({type(exc).__name__}: {exc})"
         if error is None:
             return None
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
