@@ -25,7 +25,8 @@ Faults apply to the paths where the engine generates (completions, chat completi
 
 A chunk of a streamed answer is one server-sent event, whatever reads the engine's bytes
 arrived in (a busy engine can put a whole short stream in one read); of any other answer, one
-read.
+read. A fault that counts chunks applies to answers that start while it is set; with none set,
+answers pass read by read.
 
 Every request is recorded in ``requests`` as :class:`Recorded` (method, path, JSON body or
 ``None``); ``completion_bodies()`` gives the JSON bodies sent to ``/v1/completions``.
@@ -168,6 +169,10 @@ class Relay:
         finally:
             self._transports.discard(transport)
 
+    def _counts_chunks(self) -> bool:
+        """Whether a fault that counts an answer's chunks is set (read as the answer starts)."""
+        return any(n is not None for n in (self.cut_after_chunks, self.end_after_chunks, self.stall_after_chunks))
+
     @staticmethod
     async def _pieces(upstream: aiohttp.ClientResponse):
         """The answer's body as it comes: one server-sent event at a time for a stream (so
@@ -207,6 +212,15 @@ class Relay:
             out = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await out.prepare(request)
+            if not (completion and self._counts_chunks()):
+                # nothing to count: pass the reads on as they come, one write each (splitting a
+                # long stream into events costs the test process's one interpreter dearly)
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+                if completion and self.hold_end_s:
+                    await asyncio.sleep(self.hold_end_s)
+                await out.write_eof()
+                return out
             sent = 0
             async for chunk in self._pieces(upstream):
                 if completion and self.cut_after_chunks is not None and sent >= self.cut_after_chunks:

@@ -68,6 +68,18 @@ def build():
     return demo_build()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _short_switch_interval() -> Iterator[None]:
+    """The relays run in this process, beside the test's own clients. A relay busy with long
+    streams keeps the interpreter, and every other thread here then waits up to the switch
+    interval (5 ms) after each blocking call: a scrape of /metrics took 12 s and stream threads
+    sent their requests seconds apart. A 0.5 ms interval keeps the test's clients on time."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    yield
+    sys.setswitchinterval(before)
+
+
 def _entry(name: str, **more: Any) -> dict[str, Any]:
     [good] = [a for a in cpu_promoted() if a["name"] == GOOD]
     return {**good, "name": name, "path": name, **more}
@@ -359,18 +371,24 @@ class Stream:
                     json={"model": self.adapter, "prompt": self.prompt, "max_tokens": self.max_tokens,
                           "temperature": 0, "stream": True}) as resp:
                 self.status = resp.status_code
-                for line in resp.iter_lines():
-                    if line == "data: [DONE]":
-                        self.done = True
-                    elif line.startswith("data: "):
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            self.error = json.dumps(event["error"])
-                            continue
-                        for choice in event.get("choices") or []:
-                            self.text += choice.get("text") or ""
-                            self.finish = choice.get("finish_reason") or self.finish
+                # read as it comes, parsed at the end: this process also runs the relays, and
+                # parsing every event of 8 long streams as it came starved them of the interpreter
+                pieces: list[bytes] = []
+                for piece in resp.iter_raw():
+                    pieces.append(piece)
+                    if b"data: " in piece:
                         self.started.set()
+            for line in b"".join(pieces).decode().splitlines():
+                if line == "data: [DONE]":
+                    self.done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        self.error = json.dumps(event["error"])
+                        continue
+                    for choice in event.get("choices") or []:
+                        self.text += choice.get("text") or ""
+                        self.finish = choice.get("finish_reason") or self.finish
         except httpx.HTTPError as exc:
             self.error = repr(exc)
         finally:
@@ -404,6 +422,14 @@ def _log_events(path: Path, offset: int = 0) -> list[dict]:
 # --------------------------------------------------------------------------- stopping a pod (last)
 
 
+#: Tokens each of the drain test's streams runs to. Long enough that the 8 are in flight together
+#: and still running in the engine when SIGTERM comes, however fast the machine (8 x 400 took
+#: about 2 s on an idle 2-core machine, shorter than the threads' start and the preStop hooks);
+#: short enough for the engine's drain (--shutdown-timeout 109 s) on a loaded one (8 x 2,000: about
+#: 17 s idle). Prompt (under 250 tokens) plus this stays inside the CPU profile's maxModelLen 4096.
+DRAIN_TOKENS = 2000
+
+
 def _half_sent_request(url: str) -> socket.socket:
     """A completion request whose body is still arriving: in flight at the proxy until the test
     sends the rest or closes it (so the drain cannot end before the test has looked)."""
@@ -416,10 +442,10 @@ def _half_sent_request(url: str) -> socket.socket:
     return sock
 
 
-def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRelease, build) -> None:
+def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRelease, cluster: Cluster, build) -> None:
     """What the kubelet does to a pod being deleted, with 8 streams in flight: the rendered
     preStop hooks of both containers, then SIGTERM to each container's main process. The 8
-    streams (of the adapter that never stops, each running to its 400 max_tokens) all finish,
+    streams (of the adapter that never stops, each running to its ``DRAIN_TOKENS``) all finish,
     requests that come during the drain get 503, and the proxy's counts are exact: from /metrics
     once the streams are done (a request still sending its body keeps the proxy draining until
     the test lets it go), then from its request log and its drain summary."""
@@ -428,11 +454,25 @@ def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRe
     assert r.env["proxy"]["LORAGATE_PROXY_DRAIN_TIMEOUT_S"] == "114"
     before = scrape(f"{r.proxy_url}/metrics")
     log_start = r.proc("proxy").log.stat().st_size  # this test's requests are logged after it
-    streams = [Stream(RUNAWAY, p, 400) for p in _prompts(build, 8, offset=40)]
+    # the relay holds each request back a few seconds before the engine sees it, so the 8 are
+    # in flight together before any of them streams, however the threads were scheduled
+    r_relay = cluster.relays["a"]
+    r_relay.delay_s = 5.0
+    streams = [Stream(RUNAWAY, p, DRAIN_TOKENS) for p in _prompts(build, 8, offset=40)]
     for s in streams:
         s.start(r.proxy_url)
-    assert wait_for(lambda: sample(scrape(f"{r.proxy_url}/metrics"), "loragate_requests_in_flight",
-                                   endpoint="completions") == 8, 300), "the 8 streams were never in flight together"
+    seen: list[float] = []
+
+    def in_flight() -> float:
+        seen.append(sample(scrape(f"{r.proxy_url}/metrics"), "loragate_requests_in_flight", endpoint="completions"))
+        return seen[-1]
+
+    try:
+        assert wait_for(lambda: in_flight() == 8, 300), (
+            f"the 8 streams were never in flight together: in flight {seen[-20:]}, streams "
+            f"{[(s.status, s.finish, s.error) for s in streams]}")
+    finally:
+        r_relay.delay_s = 0.0
     holder = _half_sent_request(r.proxy_url)
     assert wait_for(lambda: sample(scrape(f"{r.proxy_url}/metrics"), "loragate_requests_in_flight",
                                    endpoint="completions") == 9, 30)
@@ -465,7 +505,7 @@ def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRe
     mid = scrape(f"{r.proxy_url}/metrics")
     assert delta(before, mid, "loragate_completions_total", adapter=RUNAWAY, finish_reason="length") == 8
     assert delta(before, mid, "loragate_length_cutoffs_total", adapter=RUNAWAY, cause="max_tokens") == 8
-    assert delta(before, mid, "loragate_output_tokens_total", adapter=RUNAWAY) == 8 * 400
+    assert delta(before, mid, "loragate_output_tokens_total", adapter=RUNAWAY) == 8 * DRAIN_TOKENS
     assert delta(before, mid, "loragate_rejected_requests_total", reason="draining") == refused
     assert sample(mid, "loragate_requests_in_flight", endpoint="completions") == 1  # the holder
     for adapter in (GOOD, RUNAWAY):
@@ -484,7 +524,7 @@ def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRe
     assert drained["finished"] == drained["in_flight_at_signal"] >= 9
     requests = [e for e in events if e.get("event") == "request" and e.get("status") == 200
                 and e.get("adapter") in (GOOD, RUNAWAY) and e.get("stream")]
-    assert [(e["finish_reason"], e["completion_tokens"]) for e in requests] == [("length", 400)] * 8
+    assert [(e["finish_reason"], e["completion_tokens"]) for e in requests] == [("length", DRAIN_TOKENS)] * 8
     vllm_log = r.proc("vllm").log.read_text(errors="replace")
     assert "mode=drain" in vllm_log, "vLLM did not drain (--shutdown-timeout missing?)"
     # and the port is closed: a new client is refused by the network, not half-answered
