@@ -106,6 +106,22 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
 
 
+def log_events(path: Path, offset: int = 0) -> list[dict]:
+    """The JSON lines of a process's log (the proxy logs one JSON object a line), from byte
+    ``offset`` on; other lines are left out."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events
+
+
 def wait_for(check, timeout_s: float = 20.0, every_s: float = 0.1):
     """Call ``check`` until it returns something truthy or ``timeout_s`` passes; its last value."""
     deadline = time.monotonic() + timeout_s

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ProxyProcess, sample, start_proxy, wait_for
+from conftest import ProxyProcess, log_events, sample, start_proxy, wait_for
 
 from loragate.stack import free_port
 
@@ -53,14 +53,7 @@ def _half_sent_request(proxy: ProxyProcess) -> socket.socket:
 
 
 def _events(proxy: ProxyProcess) -> list[dict]:
-    events = []
-    for line in proxy.log.read_text().splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    return events
+    return log_events(proxy.log)
 
 
 def _event(proxy: ProxyProcess, name: str) -> dict | None:

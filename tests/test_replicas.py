@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import pytest
 from chart_tools import CPU_VALUES, flag_values, render
-from conftest import delta, sample, scrape, wait_for
+from conftest import delta, log_events, sample, scrape, wait_for
 from local_release import (
     LocalRelease,
     client_auth,
@@ -404,21 +404,6 @@ class Stream:
         return self.thread is not None and self.thread.is_alive()
 
 
-def _log_events(path: Path, offset: int = 0) -> list[dict]:
-    """The JSON log lines of a process's log, from byte ``offset`` on."""
-    events = []
-    with path.open("rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    return events
-
-
 # --------------------------------------------------------------------------- stopping a pod (last)
 
 
@@ -487,7 +472,7 @@ def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRe
     for name in ("vllm", "proxy"):
         r.proc(name).popen.terminate()
     proxy_log = r.proc("proxy").log
-    assert wait_for(lambda: any(e.get("event") == "draining" for e in _log_events(proxy_log, log_start)), 30)
+    assert wait_for(lambda: any(e.get("event") == "draining" for e in log_events(proxy_log, log_start)), 30)
 
     # new requests while draining: a clean 503, never a cut connection or an engine error
     refused = 0
@@ -518,7 +503,7 @@ def test_sigterm_drains_every_stream_and_refuses_new_requests(replica_a: LocalRe
     holder.close()
     for name in ("proxy", "vllm"):
         r.proc(name).popen.wait(180)
-    events = _log_events(proxy_log, log_start)
+    events = log_events(proxy_log, log_start)
     [drained] = [e for e in events if e.get("event") == "drained"]
     assert drained["cut"] == 0 and drained["refused"] == refused
     assert drained["finished"] == drained["in_flight_at_signal"] >= 9
