@@ -106,6 +106,25 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
 
 
+@pytest.fixture(scope="module")
+def build(stack: st.StackInfo):
+    """The demo build the stack serves (the stack fixture builds it when missing). A module
+    that needs the build without the stack defines its own ``build``."""
+    from loragate.demo.artifacts import current_build
+
+    b = current_build()
+    assert b is not None
+    return b
+
+
+@pytest.fixture(scope="module")
+def contracts(build):
+    """The demo build's contracts file, loaded."""
+    from loragate.core.contracts import load_contracts
+
+    return load_contracts(build.adapters_file)
+
+
 def log_events(path: Path, offset: int = 0) -> list[dict]:
     """The JSON lines of a process's log (the proxy logs one JSON object a line), from byte
     ``offset`` on; other lines are left out."""

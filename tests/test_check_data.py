@@ -26,16 +26,8 @@ from loragate.acceptance.data_check import (
     read_data,
     read_examples,
 )
-from loragate.demo.artifacts import current_build, current_pointer
+from loragate.demo.artifacts import current_pointer
 from loragate.demo.build import BuildConfig
-
-
-@pytest.fixture(scope="module")
-def build(stack):
-    """The demo build the stack serves (the fixture builds it when missing)."""
-    b = current_build()
-    assert b is not None
-    return b
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

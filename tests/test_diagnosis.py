@@ -16,20 +16,6 @@ from loragate.acceptance import diagnosis as dg
 from loragate.acceptance.plan import Baseline
 from loragate.acceptance.prompts import read_prompts
 from loragate.core import engine as eng
-from loragate.core.contracts import load_contracts
-from loragate.demo.artifacts import current_build
-
-
-@pytest.fixture(scope="module")
-def build(stack):
-    b = current_build()
-    assert b is not None
-    return b
-
-
-@pytest.fixture(scope="module")
-def contracts(build):
-    return load_contracts(build.adapters_file)
 
 
 def _diagnose(stack, build, contracts, adapter: str, promoted: str | None) -> dg.Diagnosis:

@@ -30,17 +30,9 @@ from loragate.acceptance.gate import GateOptions, run_gate
 from loragate.cli.defaults import gate_options
 from loragate.core import engine as eng
 from loragate.core.errors import LoragateError, UsageError
-from loragate.demo.artifacts import current_build
 from loragate.stack import free_port
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def build(stack):
-    b = current_build()
-    assert b is not None
-    return b
 
 
 @pytest.fixture

@@ -7,24 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from loragate.acceptance.static import RankLimit, StaticInputs, run_static_checks
-from loragate.core.contracts import load_contracts
 from loragate.core.engine import EngineModels, ServedModel
-from loragate.demo.artifacts import current_build
-
-
-@pytest.fixture(scope="module")
-def build(stack):
-    b = current_build()
-    assert b is not None
-    return b
-
-
-@pytest.fixture(scope="module")
-def contracts(build):
-    return load_contracts(build.adapters_file)
 
 
 def engine_for(build, contracts, *, base_name: str = "loragate-demo-base", roots: dict | None = None,
