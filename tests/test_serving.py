@@ -225,3 +225,55 @@ def test_a_request_leaves_no_reference_cycle_behind():
             gc.set_debug(0)
             gc.garbage.clear()
     assert not left & {"RequestResponseCycle", "BodyWriter"}, left
+
+
+def test_a_client_that_left_before_its_request_was_read_is_counted_as_its_adapters_disconnect(tmp_path):
+    """A client sends its whole request and closes before the proxy's task reads it (a busy
+    proxy): uvicorn then answers ``receive`` with ``http.disconnect`` and drops the body. The
+    request is still counted once, as a client disconnect of the adapter its body names."""
+    import json
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from loragate.core.contracts import load_contracts
+    from loragate.server.app import ProxyApp
+    from loragate.server.config import ProxyConfig
+    from loragate.server.serving import CorkedHttpToolsProtocol
+
+    contracts = tmp_path / "adapters.yaml"
+    contracts.write_text(json.dumps({"base_model": "base", "adapters_dir": ".",
+                                     "adapters": {"poster": {"path": "poster", "output": "json"}}}))
+
+    def value(app: ProxyApp, name: str, **labels: str) -> float:
+        return app.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def main() -> dict[str, float]:
+        app = ProxyApp(ProxyConfig(upstream=f"http://127.0.0.1:{free_port()}"), load_contracts(contracts))
+        await app.startup()
+        try:
+            config = uvicorn.Config(app, lifespan="off", **UVICORN_SETTINGS)
+            config.load()
+            sent = {}
+            for name, (model, cut) in {"whole": ("poster", False), "mid-body": ("poster", True),
+                                       "unknown": ("no-such-adapter", False)}.items():
+                protocol = CorkedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+                transport = RecordingTransport()
+                protocol.connection_made(transport)
+                body = json.dumps({"model": model, "prompt": "x", "max_tokens": 4}).encode()
+                protocol.data_received(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\n\r\n%s" % (len(body), body[:10] if cut else body))
+                protocol.connection_lost(None)  # gone before the app's task has run
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                sent[name] = (value(app, "loragate_client_disconnects_total", adapter="poster"),
+                              value(app, "loragate_client_disconnects_total", adapter="__other__"),
+                              value(app, "loragate_requests_total", endpoint="completions", code="4xx"))
+                assert transport.writes == []  # nothing is answered to a connection that is gone
+            return sent
+        finally:
+            await app.shutdown()
+
+    counts = asyncio.run(main())
+    # (poster's disconnects, unknown adapters' disconnects, 4xx requests) after each client
+    assert counts == {"whole": (1.0, 0.0, 1.0), "mid-body": (1.0, 1.0, 2.0), "unknown": (1.0, 2.0, 3.0)}

@@ -544,6 +544,7 @@ class ProxyApp:
                                    f"request body not received within {self.config.body_timeout_s:.0f}s", endpoint)
                 return
             except _ClientGone:
+                self._count_gone_unread(scope, route.kind, endpoint)
                 return
             if route.adapter_path_field is not None:
                 checked = self._adapter_path_checked(body, route.adapter_path_field)
@@ -571,6 +572,25 @@ class ProxyApp:
             gauge.dec()
             if ticket is not None and self.admission is not None:
                 self.admission.leave(ticket)
+
+    def _count_gone_unread(self, scope: Scope, kind: Kind, endpoint: str) -> None:
+        """A client that left before the proxy read its request: a client disconnect of the
+        adapter its body names (when the whole body had come: :meth:`BodyWriter.unread_body`),
+        else of no known adapter; a request of another kind counts as a 4xx request only."""
+        if kind not in (Kind.JUDGED, Kind.GENERATING):
+            self.metrics.requests.labels(endpoint, "4xx").inc()
+            return
+        writer: BodyWriter | None = (scope.get("extensions") or {}).get(BODY_WRITER)
+        body = writer.unread_body() if writer is not None else None
+        model = None
+        if body is not None:
+            try:
+                request = fastjson.loads(body)
+            except (ValueError, RecursionError):
+                request = None
+            if isinstance(request, dict):
+                model = request.get("model")
+        self._count_disconnect(self._adapter_names().label(model), endpoint)
 
     def _adapter_path_checked(self, body: bytes, key: str) -> bytes | tuple[int, str, str]:
         """A load request's body with its adapter folder resolved inside the adapters directory,

@@ -146,6 +146,19 @@ class BodyWriter:
         cycle = self._cycle()
         return cycle is not None and not cycle.disconnected
 
+    def unread_body(self) -> bytes | None:
+        """The request's whole body when it all came but the app has not read it, else ``None``.
+
+        uvicorn answers ``receive`` with ``http.disconnect`` once the client has closed, and
+        drops a body the app had not read yet: a client that sends its request and leaves
+        before the app's task runs (a busy proxy) takes its body with it. The app reads it here
+        to count the request as its adapter's."""
+        cycle = self._cycle()
+        body = getattr(cycle, "body", None)
+        if cycle is None or getattr(cycle, "more_body", True) or not isinstance(body, (bytes, bytearray)):
+            return None
+        return bytes(body) or None
+
     def on_disconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (once, synchronously) if the client's connection closes before
         this request's answer is complete."""
