@@ -25,8 +25,8 @@ Faults apply to the paths where the engine generates (completions, chat completi
 
 A chunk of a streamed answer is one server-sent event, whatever reads the engine's bytes
 arrived in (a busy engine can put a whole short stream in one read); of any other answer, one
-read. A fault that counts chunks applies to answers that start while it is set; with none set,
-answers pass read by read.
+read. A fault that counts chunks applies to answers that start while it is set; with none set
+and ``pass_reads`` on, answers pass read by read (cheaper for long streams).
 
 Every request is recorded in ``requests`` as :class:`Recorded` (method, path, JSON body or
 ``None``); ``completion_bodies()`` gives the JSON bodies sent to ``/v1/completions``.
@@ -68,6 +68,8 @@ class Relay:
         self.stall_after_chunks: int | None = None
         self.stall_s = 0.0
         self.hold_end_s = 0.0
+        #: pass an answer on read by read when no fault counts its chunks (else event by event)
+        self.pass_reads = False
         self._lock = threading.Lock()
         self._down = False
         self._transports: set[asyncio.BaseTransport] = set()
@@ -212,7 +214,7 @@ class Relay:
             out = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await out.prepare(request)
-            if not (completion and self._counts_chunks()):
+            if self.pass_reads and not (completion and self._counts_chunks()):
                 # nothing to count: pass the reads on as they come, one write each (splitting a
                 # long stream into events costs the test process's one interpreter dearly)
                 async for chunk in upstream.content.iter_any():

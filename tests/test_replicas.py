@@ -116,6 +116,7 @@ class Cluster:
     def start(self, name: str, promoted: list[dict[str, Any]], wait: bool = True) -> LocalRelease:
         def relayed(vllm_url: str) -> str:
             self.relays[name] = Relay(vllm_url).start()
+            self.relays[name].pass_reads = True
             return self.relays[name].url
 
         release = start_release(_manifests(self.build, promoted), name, mounts={PROMOTED_MOUNT: self.folder},
