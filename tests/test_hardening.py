@@ -554,6 +554,11 @@ def test_counters_equal_what_clients_received_when_a_third_disconnect(stack, own
             completions += got
             surplus += extra
         disconnects = delta(before, after, "loragate_client_disconnects_total", adapter=adapter)
-        assert completions + disconnects == requests[adapter], (adapter, completions, disconnects, requests)
+        assert completions + disconnects == requests[adapter], (
+            adapter, completions, disconnects, requests, "all counts:",
+            {(n, dict(labels).get("adapter"), dict(labels).get("finish_reason")): v - before.get((n, labels), 0.0)
+             for (n, labels), v in after.items()
+             if n in ("loragate_completions_total", "loragate_client_disconnects_total")
+             and v != before.get((n, labels), 0.0)})
     print(f"\n64 requests, {left} clients left; the engine finished {late:.0f} leavers' answers, "
           f"{surplus:.0f} of them handed over before the proxy saw the close")
