@@ -25,8 +25,8 @@ Faults apply to the paths where the engine generates (completions, chat completi
 
 A chunk of a streamed answer is one server-sent event, whatever reads the engine's bytes
 arrived in (a busy engine can put a whole short stream in one read); of any other answer, one
-read. A fault that counts chunks applies to answers that start while it is set; with none set
-and ``pass_reads`` on, answers pass read by read (cheaper for long streams).
+read. With ``pass_reads`` on, an answer that starts while no fault counts chunks passes read by
+read (cheaper for long streams), and a fault set while it passes counts its reads.
 
 Every request is recorded in ``requests`` as :class:`Recorded` (method, path, JSON body or
 ``None``); ``completion_bodies()`` gives the JSON bodies sent to ``/v1/completions``.
@@ -214,17 +214,11 @@ class Relay:
             out = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await out.prepare(request)
-            if self.pass_reads and not (completion and self._counts_chunks()):
-                # nothing to count: pass the reads on as they come, one write each (splitting a
-                # long stream into events costs the test process's one interpreter dearly)
-                async for chunk in upstream.content.iter_any():
-                    await out.write(chunk)
-                if completion and self.hold_end_s:
-                    await asyncio.sleep(self.hold_end_s)
-                await out.write_eof()
-                return out
+            # nothing to count and pass_reads: the reads go on as they come, one write each
+            # (splitting a long stream into events costs the test process's one interpreter dearly)
+            by_read = self.pass_reads and not (completion and self._counts_chunks())
             sent = 0
-            async for chunk in self._pieces(upstream):
+            async for chunk in (upstream.content.iter_any() if by_read else self._pieces(upstream)):
                 if completion and self.cut_after_chunks is not None and sent >= self.cut_after_chunks:
                     assert request.transport is not None
                     request.transport.abort()  # the engine "dies": no terminating chunk, no [DONE]

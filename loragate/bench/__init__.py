@@ -572,10 +572,10 @@ def bench_proxy(concurrencies: list[int], requests: int, rounds: int, chunks: in
             _wait_http(f"http://127.0.0.1:{up_port}/health")
             with contextlib.ExitStack() as logs, on_cpus(placement.measured if placement else None):
                 proxy_log = logs.enter_context((workdir / "proxy.log").open("w"))
-                procs.append(_start_proxy(up_port, proxy_port, contracts, proxy_log))
+                procs.append(_start_proxy(f"http://127.0.0.1:{up_port}", proxy_port, contracts, proxy_log))
                 if without_schema:
                     peer_procs[NO_SCHEMA_SIDE] = _start_proxy(
-                        up_port, peer_ports[NO_SCHEMA_SIDE], workdir / "adapters-no-schema.yaml",
+                        f"http://127.0.0.1:{up_port}", peer_ports[NO_SCHEMA_SIDE], workdir / "adapters-no-schema.yaml",
                         logs.enter_context((workdir / "proxy-no-schema.log").open("w")))
                     procs.append(peer_procs[NO_SCHEMA_SIDE])
                 for peer in peers or []:
@@ -651,14 +651,8 @@ def bench_shadow(concurrencies: list[int], requests: int, rounds: int, placement
             _wait_http(f"http://127.0.0.1:{up_port}/health")
             with on_cpus(placement.measured if placement else None):
                 for port, with_shadows in ((off_port, False), (on_port, True)):
-                    env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
-                    env.pop("LORAGATE_PROXY_SHADOWS", None)
-                    if with_shadows:
-                        env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-                         "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(port)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                    procs.append(_start_proxy(f"http://127.0.0.1:{up_port}", port, contracts, subprocess.DEVNULL,
+                                              shadows=shadows if with_shadows else []))
                     _wait_http(f"http://127.0.0.1:{port}/health")
             results = []
             for stream in (False, True):
@@ -725,14 +719,8 @@ def bench_shadow_stack(info: Any, adapter: str, candidate: str, share: float, re
     procs: list[subprocess.Popen] = []
     try:
         for port, with_shadows in ((off_port, False), (on_port, True)):
-            env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
-            env.pop("LORAGATE_PROXY_SHADOWS", None)
-            if with_shadows:
-                env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", info.vllm_url,
-                 "--contracts", str(info.contracts_file), "--host", "127.0.0.1", "--port", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+            procs.append(_start_proxy(info.vllm_url, port, info.contracts_file, subprocess.DEVNULL,
+                                      shadows=shadows if with_shadows else []))
             _wait_http(f"http://127.0.0.1:{port}/health")
         print(f"[bench shadow-stack] {adapter} shadowed by {candidate} at share {share:g}: {rounds} x {requests} "
               "streamed requests each way ...", file=sys.stderr, flush=True)
@@ -768,11 +756,19 @@ def _shadows_idle(port: int) -> bool:
                if line.startswith(SHADOWS_IN_FLIGHT + "{"))
 
 
-def _start_proxy(upstream_port: int, port: int, contracts: Path, log) -> subprocess.Popen:
+def _start_proxy(upstream: str, port: int, contracts: Path, log: Any,
+                 shadows: list[dict] | None = None) -> subprocess.Popen:
+    """A ``loragate proxy`` on ``port`` in front of ``upstream`` (a base URL), request log off.
+    ``shadows`` given, the proxy shadows exactly those (none for ``[]``), whatever the environment says."""
+    env = {**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"}
+    if shadows is not None:
+        env.pop("LORAGATE_PROXY_SHADOWS", None)
+        if shadows:
+            env["LORAGATE_PROXY_SHADOWS"] = json.dumps(shadows)
     return subprocess.Popen(
-        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
+        [sys.executable, "-m", "loragate.cli", "proxy", "--upstream", upstream,
          "--contracts", str(contracts), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LORAGATE_PROXY_LOG_REQUESTS": "0"})
+        stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def bench_stack(info: Any, adapter: str, requests: int, concurrency: int, rounds: int,
